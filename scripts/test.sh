@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs what the tests need on a fresh Debian machine, then runs the whole test suite.
+#   - cmake: pingora-core builds zlib-ng through it.
+#   - a Python venv with KServe and scikit-learn for the end-to-end test with a real
+#     model server (scripts/setup-venv.sh; skipped when it is already up to date).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/install-build-deps.sh
+scripts/setup-venv.sh .venv-kserve
+export COLDGATE_KSERVE_PYTHON="$PWD/.venv-kserve/bin/python"
+
+cargo test --locked --all-targets "$@"

@@ -1,0 +1,298 @@
+//! coldgate's configuration file: the TOML schema, its defaults and its checks.
+//!
+//! [`parse`] works in four stages and stops after the first stage that finds a problem:
+//!
+//! 1. TOML syntax. The toml parser stops at the first syntax error, so this stage reports
+//!    one diagnostic.
+//! 2. Unknown keys, in every table. This stage reports all of them.
+//! 3. Value types, such as a number where a string belongs. The deserializer stops at the
+//!    first mismatch, so this stage reports one diagnostic.
+//! 4. Values: ranges, formats, required keys, duplicate names and routes. This stage
+//!    reports all of them.
+//!
+//! Every diagnostic carries the line and column of the offending key or value, the key
+//! path, and a message that names the problem and its fix.
+
+pub mod duration;
+mod error;
+mod raw;
+mod validate;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::de::DeTable;
+
+pub use duration::{format_duration, parse_duration, DurationError};
+pub use error::{ConfigError, Diagnostic};
+
+use error::Diagnostics;
+use raw::RawConfig;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub log: LogConfig,
+    /// The `[defaults]` table, with built-in values for keys it leaves out. Each service's
+    /// `settings` already include these.
+    pub defaults: ServiceSettings,
+    /// The `[[service]]` entries in file order. May be empty.
+    pub services: Vec<ServiceConfig>,
+}
+
+/// The `[server]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Address of the proxy port that clients send inference requests to.
+    pub listen: SocketAddr,
+    /// Address of the admin port that serves /metrics, /healthz, /readyz and /status.
+    pub admin_listen: SocketAddr,
+    /// Maximum number of requests held across all services, at least 1.
+    pub max_total_queued: usize,
+    /// Time between /readyz starting to fail and the listener closing on shutdown.
+    pub drain_delay: Duration,
+    /// Time that held and in-flight requests get to finish on shutdown.
+    pub shutdown_grace: Duration,
+    /// Number of proxy worker threads, or 0 for one per CPU.
+    pub threads: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        // Loopback by default, so that a new install exposes nothing to the network until
+        // the operator chooses an address.
+        let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        ServerConfig {
+            listen: SocketAddr::new(loopback, 8080),
+            admin_listen: SocketAddr::new(loopback, 9090),
+            max_total_queued: 10_000,
+            drain_delay: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(60),
+            threads: 0,
+        }
+    }
+}
+
+/// The `[log]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing_subscriber::EnvFilter` directive string such as "info,coldgate=debug".
+    /// Stored as written, so the caller checks its syntax.
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            filter: "info".to_owned(),
+        }
+    }
+}
+
+/// Output format of log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Human-readable lines, written as `format = "text"`.
+    #[default]
+    Text,
+    /// One JSON object per line, written as `format = "json"`.
+    Json,
+}
+
+/// Per-service settings: the `[defaults]` table, which each `[[service]]` may override key
+/// by key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceSettings {
+    /// Time a request may be held while the service starts before it gets a 504. Above 0.
+    pub queue_timeout: Duration,
+    /// Maximum number of requests held for this service, at least 1.
+    pub max_queued_requests: usize,
+    /// Time with nothing in flight or queued after which the service scales to zero. Above 0.
+    pub idle_timeout: Duration,
+    /// Maximum number of requests in flight to one instance, or 0 for no limit.
+    pub max_concurrency_per_endpoint: usize,
+    /// Time an instance may take to become ready before the start counts as failed. Above 0.
+    pub startup_timeout: Duration,
+    /// Time between readiness probes while an instance starts, from 1ms to 10s.
+    pub probe_interval: Duration,
+    /// Timeout of one readiness probe. Above 0.
+    pub probe_timeout: Duration,
+    /// Timeout of a TCP connect to an instance. Above 0.
+    pub connect_timeout: Duration,
+}
+
+impl Default for ServiceSettings {
+    fn default() -> Self {
+        ServiceSettings {
+            queue_timeout: Duration::from_secs(5 * 60),
+            max_queued_requests: 1000,
+            idle_timeout: Duration::from_secs(10 * 60),
+            max_concurrency_per_endpoint: 0,
+            startup_timeout: Duration::from_secs(10 * 60),
+            probe_interval: Duration::from_millis(10),
+            probe_timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// One `[[service]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceConfig {
+    /// Unique name: 1 to 63 characters of `a-z`, `0-9` and `-`, starting and ending with a
+    /// letter or digit, because it is used as a metric label.
+    pub name: String,
+    /// Host names that route to this service, lowercased, without ports. Never empty.
+    pub hosts: Vec<String>,
+    /// Path prefix that routes to this service. Starts with "/" and defaults to "/".
+    pub path_prefix: String,
+    /// Path of the readiness probe. Starts with "/" and defaults to "/".
+    pub readiness_path: String,
+    /// The `[defaults]` values with this service's overrides applied.
+    pub settings: ServiceSettings,
+    pub backend: Backend,
+}
+
+/// Mechanism that starts and stops a service's instances. Each variant is one table under
+/// `[[service]]`, and a service has exactly one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// `[service.process]`: a local child process.
+    Process(ProcessConfig),
+}
+
+/// The `[service.process]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessConfig {
+    /// Program to run, as a path or a bare name to look up in PATH. Not empty.
+    pub command: String,
+    /// Arguments as written. This module leaves "{port}" placeholders for the caller to replace.
+    pub args: Vec<String>,
+    /// Environment variables added to the child's environment.
+    pub env: BTreeMap<String, String>,
+    /// Working directory of the child, or coldgate's own when `None`.
+    pub working_dir: Option<PathBuf>,
+    /// Time between the stop signal and a forced kill.
+    pub stop_grace: Duration,
+}
+
+/// Default of `ProcessConfig::stop_grace`.
+pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Parses and checks a configuration document. `source` names the document in diagnostics,
+/// usually the file name.
+///
+/// Returns every problem of the first failing stage (see the module documentation), each
+/// with its line and column. A document without services is valid here, and the caller
+/// decides whether that is an error.
+pub fn parse(text: &str, source: &str) -> Result<Config, ConfigError> {
+    let mut diagnostics = Diagnostics::new(source, text);
+
+    let document = match DeTable::parse(text) {
+        Ok(document) => document,
+        Err(error) => {
+            report_syntax_error(text, &error, &mut diagnostics);
+            return Err(diagnostics.into_error());
+        }
+    };
+
+    raw::check_unknown_keys(document.get_ref(), &mut diagnostics);
+    if !diagnostics.is_empty() {
+        return Err(diagnostics.into_error());
+    }
+
+    let deserializer = toml::de::Deserializer::from(document.clone());
+    let raw = match RawConfig::deserialize(deserializer) {
+        Ok(raw) => raw,
+        Err(error) => {
+            report_type_error(document.get_ref(), &error, &mut diagnostics);
+            return Err(diagnostics.into_error());
+        }
+    };
+
+    let config = validate::build(raw, &mut diagnostics);
+    if !diagnostics.is_empty() {
+        return Err(diagnostics.into_error());
+    }
+    Ok(config)
+}
+
+/// Reads and parses a configuration file. Diagnostics name the file by `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source: Arc::new(source),
+    })?;
+    parse(&text, &path.display().to_string())
+}
+
+fn report_syntax_error(text: &str, error: &toml::de::Error, diagnostics: &mut Diagnostics<'_>) {
+    let mut span = error.span().unwrap_or(0..0);
+    let key = error::guess_syntax_error_key(text, span.start);
+
+    let message = if error.message() == "duplicate key" {
+        "duplicate key; a key may appear once per table, so remove or rename one of them".to_owned()
+    } else if let Some(value_start) = unquoted_value_start(text, span.start) {
+        // toml points inside the value, where parsing it as a number or date failed, but
+        // the fix goes at its start.
+        span.start = value_start;
+        format!(
+            "invalid TOML: {}; if this value is a string, put it in double quotes",
+            error.message()
+        )
+    } else {
+        format!("invalid TOML: {}", error.message())
+    };
+    diagnostics.push(span, None, key, message);
+}
+
+/// Returns the start of the value when the syntax error at `offset` lies in a bare word
+/// right of `=`, such as `listen = 0.0.0.0:8080` or `format = json`, which is most often a
+/// string without quotes.
+fn unquoted_value_start(text: &str, offset: usize) -> Option<usize> {
+    let offset = offset.min(text.len());
+    let line_start = text[..offset].rfind('\n').map_or(0, |newline| newline + 1);
+    let equals = line_start + text[line_start..offset].find('=')?;
+    let after_equals = &text[equals + 1..];
+    let value_start =
+        equals + 1 + (after_equals.len() - after_equals.trim_start_matches([' ', '\t']).len());
+
+    if value_start > offset {
+        return None;
+    }
+
+    let first = text[value_start..].chars().next()?;
+    let bare_word = text[value_start..offset]
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || ".:-_+".contains(c));
+    (first.is_ascii_alphanumeric() && bare_word).then_some(value_start)
+}
+
+fn report_type_error(
+    root: &DeTable<'_>,
+    error: &toml::de::Error,
+    diagnostics: &mut Diagnostics<'_>,
+) {
+    let span = error.span().unwrap_or(0..0);
+    let (service, key) = error::locate(root, &span);
+
+    // serde words types after Rust; TOML calls them arrays and tables.
+    let mut message = error
+        .message()
+        .replace("expected a sequence", "expected an array")
+        .replace("expected a map", "expected a table");
+    if service.is_none() && key == "service" {
+        message.push_str("; write each service as a [[service]] table, with double brackets");
+    }
+    diagnostics.push(span, service.as_ref(), key, message);
+}

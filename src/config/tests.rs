@@ -1,0 +1,861 @@
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::*;
+
+// The example file sits at the crate root, next to Cargo.toml.
+const EXAMPLE_FILE: &str = include_str!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/config/coldgate.example.toml"
+));
+
+const FULL_EXAMPLE: &str = r#"[server]
+listen = "127.0.0.1:8080"
+admin_listen = "127.0.0.1:9090"
+max_total_queued = 10000
+drain_delay = "5s"
+shutdown_grace = "60s"
+threads = 0
+
+[log]
+format = "text"
+filter = "info"
+
+[defaults]
+queue_timeout = "5m"
+max_queued_requests = 1000
+idle_timeout = "10m"
+max_concurrency_per_endpoint = 0
+startup_timeout = "10m"
+probe_interval = "10ms"
+probe_timeout = "1s"
+connect_timeout = "2s"
+
+[[service]]
+name = "iris"
+hosts = ["iris.models.local"]
+path_prefix = "/"
+readiness_path = "/v2/models/iris/ready"
+queue_timeout = "1m"
+
+[service.process]
+command = "python3"
+args = ["predictor.py", "--port", "{port}"]
+env = { MODEL = "iris" }
+working_dir = "/srv/models"
+stop_grace = "10s"
+"#;
+
+/// Parses `text` and returns its only diagnostic, failing if it parses or has several.
+fn single_diagnostic(text: &str) -> Diagnostic {
+    let error = match parse(text, "config.toml") {
+        Ok(config) => panic!("expected an error, parsed {config:?}"),
+        Err(error) => error,
+    };
+    let diagnostics = error.diagnostics();
+    assert_eq!(diagnostics.len(), 1, "diagnostics: {error}");
+    diagnostics[0].clone()
+}
+
+/// Checks position, key and message of the only diagnostic of `text`.
+#[track_caller]
+fn assert_rejected(
+    text: &str,
+    line: usize,
+    column: usize,
+    key: &str,
+    message_part: &str,
+) -> Diagnostic {
+    let diagnostic = single_diagnostic(text);
+    assert_eq!(diagnostic.line, line, "line of: {diagnostic}");
+    assert_eq!(diagnostic.column, column, "column of: {diagnostic}");
+    assert_eq!(diagnostic.key, key, "key of: {diagnostic}");
+    assert!(
+        diagnostic.message.contains(message_part),
+        "message lacks {message_part:?}: {diagnostic}"
+    );
+    assert!(
+        diagnostic.to_string().contains(key),
+        "display lacks key {key:?}: {diagnostic}"
+    );
+    diagnostic
+}
+
+fn socket(text: &str) -> SocketAddr {
+    text.parse().unwrap()
+}
+
+#[test]
+fn full_example_parses() {
+    let config = parse(FULL_EXAMPLE, "config.toml").unwrap();
+
+    assert_eq!(
+        config.server,
+        ServerConfig {
+            listen: socket("127.0.0.1:8080"),
+            admin_listen: socket("127.0.0.1:9090"),
+            max_total_queued: 10_000,
+            drain_delay: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(60),
+            threads: 0,
+        }
+    );
+    assert_eq!(
+        config.log,
+        LogConfig {
+            format: LogFormat::Text,
+            filter: "info".to_owned(),
+        }
+    );
+    assert_eq!(config.defaults, ServiceSettings::default());
+
+    let expected_settings = ServiceSettings {
+        queue_timeout: Duration::from_secs(60),
+        ..ServiceSettings::default()
+    };
+    let expected_service = ServiceConfig {
+        name: "iris".to_owned(),
+        hosts: vec!["iris.models.local".to_owned()],
+        path_prefix: "/".to_owned(),
+        readiness_path: "/v2/models/iris/ready".to_owned(),
+        settings: expected_settings,
+        backend: Backend::Process(ProcessConfig {
+            command: "python3".to_owned(),
+            args: vec!["predictor.py".into(), "--port".into(), "{port}".into()],
+            env: BTreeMap::from([("MODEL".to_owned(), "iris".to_owned())]),
+            working_dir: Some(PathBuf::from("/srv/models")),
+            stop_grace: Duration::from_secs(10),
+        }),
+    };
+    assert_eq!(config.services, vec![expected_service]);
+}
+
+#[test]
+fn empty_file_gives_defaults() {
+    let config = parse("", "config.toml").unwrap();
+    assert_eq!(config, Config::default());
+    assert!(config.services.is_empty());
+    assert_eq!(config.server.listen, socket("127.0.0.1:8080"));
+    assert_eq!(config.server.admin_listen, socket("127.0.0.1:9090"));
+    assert_eq!(config.server.max_total_queued, 10_000);
+    assert_eq!(config.log.format, LogFormat::Text);
+    assert_eq!(config.defaults.queue_timeout, Duration::from_secs(300));
+    assert_eq!(config.defaults.probe_interval, Duration::from_millis(10));
+}
+
+#[test]
+fn comments_only_file_gives_defaults() {
+    let config = parse("# nothing here\n\n", "config.toml").unwrap();
+    assert_eq!(config, Config::default());
+}
+
+#[test]
+fn example_file_parses() {
+    let config = parse(EXAMPLE_FILE, "coldgate.example.toml").unwrap();
+    assert_eq!(config.services.len(), 1);
+    assert_eq!(config.services[0].name, "iris");
+    assert_eq!(
+        config.services[0].settings.queue_timeout,
+        Duration::from_secs(60)
+    );
+    assert_eq!(config.server, ServerConfig::default());
+    assert_eq!(config.defaults, ServiceSettings::default());
+}
+
+#[test]
+fn service_overrides_defaults() {
+    let text = r#"[defaults]
+idle_timeout = "30m"
+max_queued_requests = 50
+
+[[service]]
+name = "iris"
+hosts = ["iris.models.local"]
+idle_timeout = "1h"
+max_concurrency_per_endpoint = 4
+probe_interval = "100ms"
+[service.process]
+command = "python3"
+
+[[service]]
+name = "resnet"
+hosts = ["resnet.models.local"]
+[service.process]
+command = "python3"
+"#;
+    let config = parse(text, "config.toml").unwrap();
+
+    assert_eq!(config.defaults.idle_timeout, Duration::from_secs(30 * 60));
+    assert_eq!(config.defaults.max_queued_requests, 50);
+
+    let iris = &config.services[0].settings;
+    assert_eq!(iris.idle_timeout, Duration::from_secs(3600));
+    assert_eq!(iris.max_concurrency_per_endpoint, 4);
+    assert_eq!(iris.probe_interval, Duration::from_millis(100));
+    // Keys the service leaves out come from [defaults], then from the built-in defaults.
+    assert_eq!(iris.max_queued_requests, 50);
+    assert_eq!(iris.queue_timeout, Duration::from_secs(300));
+
+    let resnet = &config.services[1].settings;
+    assert_eq!(resnet.idle_timeout, Duration::from_secs(30 * 60));
+    assert_eq!(resnet.max_concurrency_per_endpoint, 0);
+    assert_eq!(resnet.max_queued_requests, 50);
+}
+
+#[test]
+fn process_optional_keys_default() {
+    let text = r#"[[service]]
+name = "iris"
+hosts = ["Iris.Models.Local", "10.0.0.7", "[::1]"]
+[service.process]
+command = "python3"
+"#;
+    let config = parse(text, "config.toml").unwrap();
+    let service = &config.services[0];
+    assert_eq!(service.hosts, ["iris.models.local", "10.0.0.7", "[::1]"]);
+    assert_eq!(service.path_prefix, "/");
+    assert_eq!(service.readiness_path, "/");
+    let Backend::Process(process) = &service.backend;
+    assert!(process.args.is_empty());
+    assert!(process.env.is_empty());
+    assert_eq!(process.working_dir, None);
+    assert_eq!(process.stop_grace, Duration::from_secs(10));
+}
+
+#[test]
+fn shared_host_with_other_prefix_is_valid() {
+    let text = r#"[[service]]
+name = "iris-v1"
+hosts = ["models.local"]
+path_prefix = "/v1"
+[service.process]
+command = "python3"
+
+[[service]]
+name = "iris-v2"
+hosts = ["models.local"]
+path_prefix = "/v2"
+[service.process]
+command = "python3"
+"#;
+    let config = parse(text, "config.toml").unwrap();
+    assert_eq!(config.services.len(), 2);
+    assert_eq!(config.services[1].path_prefix, "/v2");
+}
+
+#[test]
+fn ipv6_addresses_parse() {
+    let text = "[server]\nlisten = \"[::1]:8080\"\nadmin_listen = \"[::1]:0\"\n";
+    let config = parse(text, "config.toml").unwrap();
+    assert_eq!(config.server.listen, socket("[::1]:8080"));
+    assert_eq!(config.server.admin_listen, socket("[::1]:0"));
+}
+
+#[test]
+fn log_json_and_filter_parse() {
+    let text = "[log]\nformat = \"json\"\nfilter = \"warn,coldgate=debug\"\n";
+    let config = parse(text, "config.toml").unwrap();
+    assert_eq!(config.log.format, LogFormat::Json);
+    assert_eq!(config.log.filter, "warn,coldgate=debug");
+}
+
+#[test]
+fn unknown_top_level_key() {
+    let diagnostic = assert_rejected(
+        "listen = \"127.0.0.1:8080\"\n",
+        1,
+        1,
+        "listen",
+        "the top level accepts server, log, defaults, service",
+    );
+    assert!(
+        diagnostic.message.contains("belongs in [server]"),
+        "{diagnostic}"
+    );
+    assert_eq!(diagnostic.service_index, None);
+}
+
+#[test]
+fn unknown_top_level_table_suggests_spelling() {
+    let diagnostic = assert_rejected("[servr]\nthreads = 2\n", 1, 2, "servr", "unknown key");
+    assert!(
+        diagnostic.message.contains("did you mean \"server\""),
+        "{diagnostic}"
+    );
+}
+
+#[test]
+fn unknown_key_in_server() {
+    let text = "[server]\nlisten = \"127.0.0.1:8080\"\nmax_queued = 5\n";
+    assert_rejected(
+        text,
+        3,
+        1,
+        "server.max_queued",
+        "[server] accepts listen, admin_listen, max_total_queued, drain_delay, shutdown_grace, threads",
+    );
+}
+
+#[test]
+fn unknown_key_in_service() {
+    let text = r#"[[service]]
+name = "iris"
+hosts = ["iris.models.local"]
+  queue_timout = "1m"
+[service.process]
+command = "python3"
+"#;
+    let diagnostic = assert_rejected(
+        text,
+        4,
+        3,
+        "queue_timout",
+        "[[service]] accepts name, hosts",
+    );
+    assert!(
+        diagnostic
+            .message
+            .contains("did you mean \"queue_timeout\""),
+        "{diagnostic}"
+    );
+    assert_eq!(diagnostic.service_index, Some(0));
+    assert_eq!(diagnostic.service_name.as_deref(), Some("iris"));
+}
+
+#[test]
+fn unknown_table_in_service() {
+    let text = r#"[[service]]
+name = "iris"
+hosts = ["iris.models.local"]
+[service.kubernetes]
+image = "iris:1"
+"#;
+    assert_rejected(text, 4, 10, "kubernetes", "[[service]] accepts");
+}
+
+#[test]
+fn unknown_key_in_process() {
+    let text = r#"[[service]]
+name = "iris"
+hosts = ["iris.models.local"]
+[service.process]
+command = "python3"
+arg = ["predictor.py"]
+"#;
+    let diagnostic = assert_rejected(
+        text,
+        6,
+        1,
+        "process.arg",
+        "[service.process] accepts command, args, env, working_dir, stop_grace",
+    );
+    assert!(
+        diagnostic.message.contains("did you mean \"args\""),
+        "{diagnostic}"
+    );
+    assert_eq!(diagnostic.service_name.as_deref(), Some("iris"));
+}
+
+#[test]
+fn unknown_keys_all_reported_in_order() {
+    let text = "zeta = 1\n[server]\nbogus = 2\n[log]\nlevel = \"info\"\n";
+    let error = parse(text, "config.toml").unwrap_err();
+    let keys: Vec<(usize, &str)> = error
+        .diagnostics()
+        .iter()
+        .map(|diagnostic| (diagnostic.line, diagnostic.key.as_str()))
+        .collect();
+    assert_eq!(keys, [(1, "zeta"), (3, "server.bogus"), (5, "log.level")]);
+}
+
+#[test]
+fn bad_duration() {
+    let text = r#"[[service]]
+name = "iris"
+hosts = ["iris.models.local"]
+queue_timeout = "5 minutes"
+[service.process]
+command = "python3"
+"#;
+    let diagnostic = assert_rejected(
+        text,
+        4,
+        17,
+        "queue_timeout",
+        "invalid duration \"5 minutes\"",
+    );
+    assert_eq!(
+        diagnostic.to_string(),
+        "config.toml:4:17: service \"iris\": queue_timeout: invalid duration \"5 minutes\": expected an integer followed by ms, s, m or h, such as \"30s\""
+    );
+}
+
+#[test]
+fn duration_as_integer_rejected() {
+    let text = "[server]\ndrain_delay = 5\n";
+    assert_rejected(
+        text,
+        2,
+        15,
+        "server.drain_delay",
+        "expected a duration string such as \"30s\"",
+    );
+}
+
+#[test]
+fn zero_max_queued_requests() {
+    let text = "[defaults]\nmax_queued_requests = 0\n";
+    assert_rejected(
+        text,
+        2,
+        23,
+        "defaults.max_queued_requests",
+        "invalid value 0: must be at least 1",
+    );
+}
+
+#[test]
+fn zero_max_total_queued() {
+    let text = "[server]\nmax_total_queued = 0\n";
+    assert_rejected(text, 2, 20, "server.max_total_queued", "must be at least 1");
+}
+
+#[test]
+fn negative_count_rejected() {
+    let text = "[server]\nthreads = -1\n";
+    assert_rejected(
+        text,
+        2,
+        11,
+        "server.threads",
+        "expected a non-negative integer",
+    );
+}
+
+#[test]
+fn zero_idle_timeout() {
+    let text = r#"[[service]]
+name = "iris"
+hosts = ["iris.models.local"]
+idle_timeout = "0s"
+[service.process]
+command = "python3"
+"#;
+    let diagnostic = assert_rejected(
+        text,
+        4,
+        16,
+        "idle_timeout",
+        "invalid duration \"0s\": must be greater than 0",
+    );
+    assert_eq!(diagnostic.service_name.as_deref(), Some("iris"));
+}
+
+#[test]
+fn probe_interval_out_of_range() {
+    assert_rejected(
+        "[defaults]\nprobe_interval = \"20s\"\n",
+        2,
+        18,
+        "defaults.probe_interval",
+        "invalid duration \"20s\": must be from 1ms to 10s",
+    );
+    assert_rejected(
+        "[defaults]\nprobe_interval = \"0ms\"\n",
+        2,
+        18,
+        "defaults.probe_interval",
+        "must be from 1ms to 10s",
+    );
+}
+
+#[test]
+fn probe_interval_bounds_accepted() {
+    for value in ["1ms", "10s"] {
+        let text = format!("[defaults]\nprobe_interval = \"{value}\"\n");
+        let config = parse(&text, "config.toml").unwrap();
+        assert_eq!(
+            config.defaults.probe_interval,
+            parse_duration(value).unwrap()
+        );
+    }
+}
+
+#[test]
+fn bad_listen_address() {
+    let text = "[server]\nlisten = \"localhost:8080\"\n";
+    assert_rejected(
+        text,
+        2,
+        10,
+        "server.listen",
+        "invalid socket address \"localhost:8080\"",
+    );
+}
+
+#[test]
+fn admin_listen_same_as_listen() {
+    let text = "[server]\nlisten = \"127.0.0.1:7000\"\nadmin_listen = \"127.0.0.1:7000\"\n";
+    assert_rejected(text, 3, 16, "server.admin_listen", "both 127.0.0.1:7000");
+}
+
+#[test]
+fn unquoted_listen_is_syntax_error() {
+    let text = "[server]\nlisten = 127.0.0.1:8080\n";
+    let diagnostic = assert_rejected(text, 2, 10, "server.listen", "invalid TOML");
+    assert!(diagnostic.message.contains("double quotes"), "{diagnostic}");
+}
+
+#[test]
+fn unquoted_word_is_syntax_error() {
+    let text = "[log]\nformat = json\n";
+    let diagnostic = assert_rejected(text, 2, 10, "log.format", "invalid TOML");
+    assert!(diagnostic.message.contains("double quotes"), "{diagnostic}");
+}
+
+#[test]
+fn unclosed_header_is_syntax_error() {
+    assert_rejected("[server\nthreads = 1\n", 1, 8, "server", "invalid TOML");
+}
+
+#[test]
+fn duplicate_key_is_syntax_error() {
+    let text = "[server]\nthreads = 1\nthreads = 2\n";
+    assert_rejected(text, 3, 1, "server.threads", "duplicate key");
+}
+
+#[test]
+fn missing_name() {
+    let text = r#"[[service]]
+name = "iris"
+hosts = ["iris.models.local"]
+[service.process]
+command = "python3"
+
+[[service]]
+hosts = ["resnet.models.local"]
+[service.process]
+command = "python3"
+"#;
+    let diagnostic = assert_rejected(text, 7, 1, "name", "missing required key");
+    assert_eq!(diagnostic.service_index, Some(1));
+    assert_eq!(diagnostic.service_name, None);
+    assert!(
+        diagnostic
+            .to_string()
+            .starts_with("config.toml:7:1: service #2: name: "),
+        "{diagnostic}"
+    );
+}
+
+#[test]
+fn bad_name_characters() {
+    let text = r#"[[service]]
+name = "Iris_1"
+hosts = ["iris.models.local"]
+[service.process]
+command = "python3"
+"#;
+    let diagnostic = assert_rejected(text, 2, 8, "name", "invalid service name \"Iris_1\"");
+    assert!(
+        diagnostic.message.contains("such as \"iris-1\""),
+        "{diagnostic}"
+    );
+}
+
+#[test]
+fn name_too_long() {
+    let name = "a".repeat(64);
+    let text = format!(
+        "[[service]]\nname = \"{name}\"\nhosts = [\"a.local\"]\n[service.process]\ncommand = \"x\"\n"
+    );
+    assert_rejected(&text, 2, 8, "name", "1 to 63 characters");
+}
+
+#[test]
+fn duplicate_names() {
+    let text = r#"[[service]]
+name = "iris"
+hosts = ["iris.models.local"]
+[service.process]
+command = "python3"
+
+[[service]]
+name = "iris"
+hosts = ["iris2.models.local"]
+[service.process]
+command = "python3"
+"#;
+    let diagnostic = assert_rejected(text, 8, 8, "name", "duplicate service name \"iris\"");
+    assert!(diagnostic.message.contains("at line 2"), "{diagnostic}");
+    assert_eq!(diagnostic.service_index, Some(1));
+}
+
+#[test]
+fn empty_hosts() {
+    let text = r#"[[service]]
+name = "iris"
+hosts = []
+[service.process]
+command = "python3"
+"#;
+    assert_rejected(text, 3, 9, "hosts", "empty list");
+}
+
+#[test]
+fn missing_hosts() {
+    let text = "[[service]]\nname = \"iris\"\n[service.process]\ncommand = \"python3\"\n";
+    assert_rejected(text, 1, 1, "hosts", "missing required key");
+}
+
+#[test]
+fn host_with_port() {
+    let text = r#"[[service]]
+name = "iris"
+hosts = ["iris.models.local", "iris.models.local:8080"]
+[service.process]
+command = "python3"
+"#;
+    assert_rejected(text, 3, 31, "hosts", "remove the port \":8080\"");
+}
+
+#[test]
+fn host_with_scheme() {
+    let text = r#"[[service]]
+name = "iris"
+hosts = ["http://iris.models.local"]
+[service.process]
+command = "python3"
+"#;
+    assert_rejected(text, 3, 10, "hosts", "remove the scheme \"http://\"");
+}
+
+#[test]
+fn host_wrong_type_in_list() {
+    let text = r#"[[service]]
+name = "iris"
+hosts = ["iris.models.local", 7]
+[service.process]
+command = "python3"
+"#;
+    assert_rejected(text, 3, 31, "hosts[1]", "expected a string");
+}
+
+#[test]
+fn duplicate_host_and_prefix() {
+    let text = r#"[[service]]
+name = "iris"
+hosts = ["iris.models.local"]
+[service.process]
+command = "python3"
+
+[[service]]
+name = "iris-v2"
+hosts = ["IRIS.models.local"]
+[service.process]
+command = "python3"
+"#;
+    let diagnostic = assert_rejected(
+        text,
+        9,
+        10,
+        "hosts",
+        "host \"iris.models.local\" with path_prefix \"/\" is already routed to service \"iris\" (line 3)",
+    );
+    assert_eq!(diagnostic.service_name.as_deref(), Some("iris-v2"));
+    assert!(
+        diagnostic
+            .to_string()
+            .contains("service \"iris-v2\": hosts: "),
+        "{diagnostic}"
+    );
+}
+
+#[test]
+fn host_listed_twice_in_one_service() {
+    let text = r#"[[service]]
+name = "iris"
+hosts = ["iris.local", "Iris.local"]
+[service.process]
+command = "python3"
+"#;
+    assert_rejected(text, 3, 24, "hosts", "listed twice in this service");
+}
+
+#[test]
+fn path_prefix_without_slash() {
+    let text = r#"[[service]]
+name = "iris"
+hosts = ["iris.models.local"]
+path_prefix = "v1"
+[service.process]
+command = "python3"
+"#;
+    assert_rejected(
+        text,
+        4,
+        15,
+        "path_prefix",
+        "invalid path_prefix \"v1\": must start with \"/\", such as \"/v1\"",
+    );
+}
+
+#[test]
+fn readiness_path_without_slash() {
+    let text = r#"[[service]]
+name = "iris"
+hosts = ["iris.models.local"]
+readiness_path = "ready"
+[service.process]
+command = "python3"
+"#;
+    assert_rejected(text, 4, 18, "readiness_path", "must start with \"/\"");
+}
+
+#[test]
+fn missing_backend_table() {
+    let text = r#"[server]
+threads = 2
+
+[[service]]
+name = "iris"
+hosts = ["iris.models.local"]
+"#;
+    let diagnostic = assert_rejected(text, 4, 1, "process", "missing backend table");
+    assert!(
+        diagnostic.message.contains("[service.process]"),
+        "{diagnostic}"
+    );
+}
+
+#[test]
+fn empty_command() {
+    let text = r#"[[service]]
+name = "iris"
+hosts = ["iris.models.local"]
+[service.process]
+command = ""
+"#;
+    assert_rejected(text, 5, 11, "process.command", "empty command");
+}
+
+#[test]
+fn missing_command() {
+    let text = r#"[[service]]
+name = "iris"
+hosts = ["iris.models.local"]
+[service.process]
+args = ["x"]
+"#;
+    assert_rejected(text, 4, 1, "process.command", "missing required key");
+}
+
+#[test]
+fn env_value_must_be_string() {
+    let text = r#"[[service]]
+name = "iris"
+hosts = ["iris.models.local"]
+[service.process]
+command = "python3"
+env = { PORT = 8080 }
+"#;
+    assert_rejected(text, 6, 16, "process.env.PORT", "expected a string");
+}
+
+#[test]
+fn env_name_with_equals_sign() {
+    let text = r#"[[service]]
+name = "iris"
+hosts = ["iris.models.local"]
+[service.process]
+command = "python3"
+env = { "A=B" = "x" }
+"#;
+    assert_rejected(text, 6, 9, "process.env.\"A=B\"", "must not contain '='");
+}
+
+#[test]
+fn invalid_log_format() {
+    let text = "[log]\nformat = \"xml\"\n";
+    assert_rejected(
+        text,
+        2,
+        10,
+        "log.format",
+        "invalid log format \"xml\": expected \"text\" or \"json\"",
+    );
+}
+
+#[test]
+fn single_bracket_service_gets_hint() {
+    let text = "[service]\nname = \"iris\"\n";
+    assert_rejected(text, 1, 1, "service", "double brackets");
+}
+
+#[test]
+fn several_value_errors_reported_in_order() {
+    let text = r#"[server]
+listen = "nowhere"
+
+[[service]]
+name = "iris"
+hosts = []
+idle_timeout = "0s"
+"#;
+    let error = parse(text, "config.toml").unwrap_err();
+    let found: Vec<(usize, &str)> = error
+        .diagnostics()
+        .iter()
+        .map(|diagnostic| (diagnostic.line, diagnostic.key.as_str()))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            (2, "server.listen"),
+            (4, "process"),
+            (6, "hosts"),
+            (7, "idle_timeout")
+        ]
+    );
+    assert_eq!(error.to_string().lines().count(), 4);
+}
+
+#[test]
+fn load_reads_file() {
+    let path =
+        std::env::temp_dir().join(format!("coldgate-config-test-{}.toml", std::process::id()));
+    std::fs::write(&path, "[log]\nformat = \"yaml\"\n").unwrap();
+    let result = load(&path);
+    std::fs::remove_file(&path).unwrap();
+
+    let error = result.unwrap_err();
+    let diagnostic = &error.diagnostics()[0];
+    assert_eq!(diagnostic.source, path.display().to_string());
+    assert!(
+        error
+            .to_string()
+            .starts_with(&format!("{}:2:10: log.format: ", path.display())),
+        "{error}"
+    );
+}
+
+#[test]
+fn load_missing_file_names_path() {
+    let path = std::env::temp_dir().join("coldgate-config-test-does-not-exist.toml");
+    let error = load(&path).unwrap_err();
+    assert!(matches!(error, ConfigError::Read { .. }), "{error:?}");
+    assert!(error.diagnostics().is_empty());
+    assert!(
+        error.to_string().contains(&path.display().to_string()),
+        "{error}"
+    );
+    assert!(std::error::Error::source(&error).is_some());
+}
+
+#[test]
+fn count_beyond_u64_rejected() {
+    let text = "[server]\nmax_total_queued = 99999999999999999999\n";
+    assert_rejected(text, 2, 20, "server.max_total_queued", "too large");
+}

@@ -1,0 +1,506 @@
+//! The data path: pingora's `ProxyHttp` callbacks for routing, holding, forwarding and
+//! turning every failure into one status code.
+//!
+//! A request goes through these steps:
+//! 1. `request_filter` routes it by Host and path (404 if nothing matches, without any
+//!    upstream connection), then admits it: forwarded at once, held in the service's queue,
+//!    or rejected with 503 when a queue bound is reached.
+//! 2. While held, coldgate watches the client connection so a client that hangs up leaves
+//!    the queue at once. Small request bodies are read during the wait (see [`MAX_HELD_BODY`]).
+//! 3. `upstream_peer` returns the leased endpoint. A connection refused before any byte was
+//!    sent comes back through `fail_to_connect` and is retried, with backoff, until the
+//!    request's deadline; after bytes were sent nothing is retried.
+//! 4. The lease lives in the request context, so a streaming response keeps the service
+//!    busy until its last byte, and the idle clock starts only when it ends.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::header;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_error::{Error, ErrorSource, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use tracing::{debug, info, warn};
+
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::routing::normalize_host;
+use crate::service::{AdmitError, Admission, Lease, Service};
+
+/// Largest request body read into memory while a request is held. Bodies up to this size
+/// (by Content-Length) are read during the wait, so a client that hangs up is noticed at
+/// once. Larger or chunked bodies stay in the socket until release, and a client that hangs
+/// up while sending one is noticed only then. The value is pingora's retry buffer size,
+/// which replays the bytes read here to the instance.
+pub const MAX_HELD_BODY: usize = 64 * 1024;
+
+/// Backoff between connection attempts to an instance that refused the connection.
+const CONNECT_BACKOFF_START: Duration = Duration::from_millis(10);
+const CONNECT_BACKOFF_MAX: Duration = Duration::from_millis(250);
+
+/// How long an idle pooled connection to an instance is kept. Model servers built on
+/// uvicorn close idle keep-alive connections after 5 s by default, so stay below that to
+/// avoid reusing a connection the server is closing.
+const UPSTREAM_POOL_IDLE: Duration = Duration::from_secs(4);
+
+/// Why coldgate answered a request itself. Every such answer is built by
+/// [`error_response`], the only place that maps failures to status codes.
+#[derive(Debug, Clone)]
+pub enum Rejection {
+    BadHost,
+    NoRoute,
+    Admit { service: Arc<str>, error: AdmitError, retry_after: u64 },
+    /// The instance could not be reached before the request's deadline.
+    Unreachable { service: Arc<str>, detail: String },
+    /// The instance failed after the request was sent (reset, bad response).
+    UpstreamFailed { service: Arc<str>, detail: String },
+    Internal { service: Option<Arc<str>>, detail: String },
+}
+
+/// Returns the status, the `Retry-After` seconds (for 503) and the JSON body for a
+/// rejection.
+pub fn error_response(rejection: &Rejection) -> (u16, Option<u64>, serde_json::Value) {
+    use serde_json::json;
+    let body = |code: &str, service: Option<&str>, message: String| {
+        json!({ "error": { "code": code, "service": service, "message": message } })
+    };
+    match rejection {
+        Rejection::BadHost => (
+            400,
+            None,
+            body("invalid_host", None, "the Host header is missing or not a valid host name".into()),
+        ),
+        Rejection::NoRoute => (
+            404,
+            None,
+            body("no_route", None, "no service is configured for this Host and path".into()),
+        ),
+        Rejection::Admit { service, error, retry_after } => match error {
+            AdmitError::QueueFull => (
+                503,
+                Some(*retry_after),
+                body("queue_full", Some(service), format!("the queue of service {service} is full; retry later")),
+            ),
+            AdmitError::GlobalQueueFull => (
+                503,
+                Some(*retry_after),
+                body("overloaded", Some(service), "coldgate holds its maximum number of requests; retry later".into()),
+            ),
+            AdmitError::Timeout => (
+                504,
+                None,
+                body(
+                    "queue_timeout",
+                    Some(service),
+                    format!("service {service} did not become ready within its queue_timeout"),
+                ),
+            ),
+            AdmitError::ActivationFailed(reason) => (
+                502,
+                None,
+                body("activation_failed", Some(service), format!("service {service} failed to start: {reason}")),
+            ),
+        },
+        Rejection::Unreachable { service, detail } => (
+            502,
+            None,
+            body("upstream_unreachable", Some(service), format!("could not connect to service {service}: {detail}")),
+        ),
+        Rejection::UpstreamFailed { service, detail } => (
+            502,
+            None,
+            body("upstream_failed", Some(service), format!("service {service} failed while answering: {detail}")),
+        ),
+        Rejection::Internal { service, detail } => {
+            (500, None, body("internal", service.as_deref(), format!("internal error: {detail}")))
+        }
+    }
+}
+
+/// Per-request state, kept for the whole life of the request.
+pub struct RequestCtx {
+    service: Option<Arc<Service>>,
+    lease: Option<Lease>,
+    arrived: Instant,
+    deadline: Option<Instant>,
+    connect_failures: u32,
+    upstream_sent: Option<Instant>,
+    held: bool,
+    /// Body bytes read while held, counted in `coldgate_buffered_bytes` until forwarded.
+    buffered: usize,
+    rejected: bool,
+}
+
+impl RequestCtx {
+    fn service_name(&self) -> Option<Arc<str>> {
+        self.service.as_ref().map(|s| s.name.clone())
+    }
+}
+
+/// The pingora application: routes, holds and forwards.
+pub struct Activator {
+    registry: Arc<ArcSwap<Registry>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Activator {
+    pub fn new(registry: Arc<ArcSwap<Registry>>, metrics: Arc<Metrics>) -> Self {
+        Activator { registry, metrics }
+    }
+
+    /// Writes coldgate's own answer for a rejection.
+    async fn reject(&self, session: &mut Session, ctx: &mut RequestCtx, rejection: Rejection) -> Result<bool> {
+        let (status, retry_after, body) = error_response(&rejection);
+        ctx.rejected = true;
+        match &rejection {
+            Rejection::BadHost | Rejection::NoRoute => {
+                debug!(status, path = %session.req_header().uri.path(), "request rejected")
+            }
+            other => info!(status, service = ?ctx.service_name(), reason = ?other, "request answered by coldgate"),
+        }
+        write_json(session, status, retry_after, &body).await?;
+        Ok(true)
+    }
+
+    /// Holds the request in its service's queue until it gets an endpoint, the deadline
+    /// passes, the start fails or the client goes away.
+    async fn hold(&self, session: &mut Session, ctx: &mut RequestCtx, service: Arc<Service>) -> Result<Option<Rejection>> {
+        let retry_after = retry_after_seconds(&service);
+        let waiter = match service.admit() {
+            Admission::Ready(lease) => {
+                ctx.lease = Some(lease);
+                return Ok(None);
+            }
+            Admission::Rejected(error) => {
+                let reason = if error == AdmitError::QueueFull { "queue_full" } else { "global_limit" };
+                self.metrics.queue_rejections.with_label_values(&[&service.name, reason]).inc();
+                return Ok(Some(Rejection::Admit { service: service.name.clone(), error, retry_after }));
+            }
+            Admission::Queued(waiter) => waiter,
+        };
+        ctx.held = true;
+        let deadline = ctx.deadline.unwrap_or_else(|| Instant::now() + service.settings().queue_timeout);
+        debug!(service = %service.name, "request held");
+
+        let buffered_gauge = self.metrics.buffered_bytes.with_label_values(&[&service.name]);
+        let outcome = {
+            let wait = waiter.wait(deadline);
+            let watch = watch_client(session, &mut ctx.buffered, &buffered_gauge);
+            tokio::pin!(wait);
+            tokio::select! {
+                result = &mut wait => Some(result),
+                () = watch => None,
+            }
+        };
+        match outcome {
+            Some(Ok(lease)) => {
+                ctx.lease = Some(lease);
+                Ok(None)
+            }
+            Some(Err(error)) => Ok(Some(Rejection::Admit { service: service.name.clone(), error, retry_after })),
+            None => {
+                debug!(service = %service.name, "client went away while held");
+                Error::e_explain(ErrorType::ConnectionClosed, "client closed the connection while its request was held")
+                    .map_err(|mut e| {
+                        e.esource = ErrorSource::Downstream;
+                        e
+                    })
+            }
+        }
+    }
+
+    fn release_buffered(&self, ctx: &mut RequestCtx) {
+        if ctx.buffered > 0 {
+            if let Some(service) = &ctx.service {
+                self.metrics.buffered_bytes.with_label_values(&[&service.name]).sub(ctx.buffered as i64);
+            }
+            ctx.buffered = 0;
+        }
+    }
+}
+
+/// Estimates when a rejected client should retry: about one cold start while the service
+/// is starting, one second otherwise.
+fn retry_after_seconds(service: &Service) -> u64 {
+    let status = service.status();
+    match (status.state, status.last_cold_start_seconds) {
+        ("serving", _) => 1,
+        (_, Some(seconds)) => seconds.ceil().clamp(1.0, 300.0) as u64,
+        _ => 1,
+    }
+}
+
+/// Resolves when the client has gone away. It reads a small request body while waiting, so
+/// the end of the connection becomes visible; it never resolves for a client that is still
+/// sending a large body.
+async fn watch_client(session: &mut Session, buffered: &mut usize, gauge: &prometheus::IntGauge) {
+    let small_body = session
+        .req_header()
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .is_some_and(|length| length <= MAX_HELD_BODY);
+    let chunked = session.req_header().headers.contains_key(header::TRANSFER_ENCODING);
+
+    if !session.is_body_done() {
+        if !small_body || chunked {
+            return std::future::pending().await;
+        }
+        session.enable_retry_buffering();
+        loop {
+            match session.read_request_body().await {
+                Ok(Some(chunk)) => {
+                    *buffered += chunk.len();
+                    gauge.add(chunk.len() as i64);
+                }
+                Ok(None) => break,
+                Err(_) => return,
+            }
+        }
+    }
+    // The body is complete: any read now ends only if the client closes or misbehaves.
+    loop {
+        match session.downstream_session.read_body_or_idle(true).await {
+            Ok(_) => continue,
+            Err(_) => return,
+        }
+    }
+}
+
+async fn write_json(
+    session: &mut Session,
+    status: u16,
+    retry_after: Option<u64>,
+    body: &serde_json::Value,
+) -> Result<()> {
+    let body = Bytes::from(serde_json::to_vec(body).expect("a JSON value always serialises"));
+    let mut response = ResponseHeader::build(status, Some(4))?;
+    response.insert_header(header::CONTENT_TYPE, "application/json")?;
+    response.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+    if let Some(seconds) = retry_after {
+        response.insert_header(header::RETRY_AFTER, seconds.to_string())?;
+    }
+    session.write_response_header(Box::new(response), false).await?;
+    session.write_response_body(Some(body), true).await?;
+    Ok(())
+}
+
+fn is_connect_error(error: &Error) -> bool {
+    matches!(
+        error.etype(),
+        ErrorType::ConnectTimedout
+            | ErrorType::ConnectRefused
+            | ErrorType::ConnectNoRoute
+            | ErrorType::ConnectError
+            | ErrorType::SocketError
+    )
+}
+
+#[async_trait]
+impl ProxyHttp for Activator {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> Self::CTX {
+        RequestCtx {
+            service: None,
+            lease: None,
+            arrived: Instant::now(),
+            deadline: None,
+            connect_failures: 0,
+            upstream_sent: None,
+            held: false,
+            buffered: 0,
+            rejected: false,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        let header = session.req_header();
+        let raw_host = header
+            .uri
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| header.headers.get(header::HOST).and_then(|h| h.to_str().ok()));
+        let Some(host) = raw_host.and_then(normalize_host) else {
+            return self.reject(session, ctx, Rejection::BadHost).await;
+        };
+
+        let registry = self.registry.load();
+        let Some(service) = registry.route(&host, header.uri.path()) else {
+            self.metrics.unrouted_requests.inc();
+            return self.reject(session, ctx, Rejection::NoRoute).await;
+        };
+        ctx.service = Some(service.clone());
+        ctx.deadline = Some(ctx.arrived + service.settings().queue_timeout);
+
+        match self.hold(session, ctx, service).await? {
+            None => Ok(false),
+            Some(rejection) => self.reject(session, ctx, rejection).await,
+        }
+    }
+
+    async fn upstream_peer(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<Box<HttpPeer>> {
+        self.release_buffered(ctx);
+        let Some(service) = ctx.service.clone() else {
+            return Error::e_explain(ErrorType::InternalError, "no service chosen before upstream_peer");
+        };
+
+        if ctx.connect_failures > 0 {
+            // A retry after a refused connection: wait a little, and if the instance went
+            // away meanwhile, go back to the queue for another one.
+            let deadline = ctx.deadline.unwrap_or_else(Instant::now);
+            let backoff = CONNECT_BACKOFF_START
+                .saturating_mul(1 << ctx.connect_failures.min(8))
+                .min(CONNECT_BACKOFF_MAX);
+            let now = Instant::now();
+            if now + backoff >= deadline {
+                return Error::e_explain(ErrorType::ConnectTimedout, "the request's deadline passed while connecting");
+            }
+            tokio::time::sleep(backoff).await;
+            if !ctx.lease.as_ref().is_some_and(Lease::is_current) {
+                ctx.lease = None;
+                if let Some(rejection) = self.hold(session, ctx, service.clone()).await? {
+                    let (status, _, _) = error_response(&rejection);
+                    return Err(Error::explain(
+                        ErrorType::HTTPStatus(status),
+                        format!("{rejection:?}"),
+                    ));
+                }
+            }
+        }
+
+        let Some(lease) = ctx.lease.as_ref() else {
+            return Error::e_explain(ErrorType::InternalError, "no endpoint leased before upstream_peer");
+        };
+        let settings = service.settings();
+        let mut peer = HttpPeer::new(lease.addr(), false, String::new());
+        peer.options.connection_timeout = Some(settings.connect_timeout);
+        peer.options.idle_timeout = Some(UPSTREAM_POOL_IDLE);
+        ctx.upstream_sent = Some(Instant::now());
+        Ok(Box::new(peer))
+    }
+
+    fn fail_to_connect(&self, _session: &mut Session, peer: &HttpPeer, ctx: &mut Self::CTX, mut e: Box<Error>) -> Box<Error> {
+        // Nothing was sent yet, so retrying cannot duplicate the request.
+        let before_deadline = ctx.deadline.is_some_and(|d| Instant::now() < d);
+        let retry = is_connect_error(&e) && before_deadline;
+        e.set_retry(retry);
+        if retry {
+            ctx.connect_failures += 1;
+            if let Some(name) = ctx.service_name() {
+                self.metrics.connect_retries.with_label_values(&[&name]).inc();
+                debug!(service = %name, peer = %peer, attempt = ctx.connect_failures, error = %e, "connect failed; retrying");
+            }
+        }
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        _ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        if let Some(client) = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip().to_string()) {
+            let forwarded_for = match upstream_request.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+                Some(previous) => format!("{previous}, {client}"),
+                None => client,
+            };
+            upstream_request.insert_header("x-forwarded-for", forwarded_for)?;
+        }
+        upstream_request.insert_header("x-forwarded-proto", "http")?;
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        _upstream_response: &mut ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        if let (Some(sent), Some(name)) = (ctx.upstream_sent, ctx.service_name()) {
+            self.metrics.upstream_latency.with_label_values(&[&name]).observe(sent.elapsed().as_secs_f64());
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Self::CTX) -> FailToProxy {
+        self.release_buffered(ctx);
+        let service = ctx.service_name();
+        let downstream_gone = *e.esource() == ErrorSource::Downstream
+            && matches!(e.etype(), ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError);
+
+        let error_code = if downstream_gone {
+            0
+        } else if let ErrorType::HTTPStatus(code) = e.etype() {
+            // A rejection found while re-queueing for a retry; the status is already mapped.
+            *code
+        } else {
+            let rejection = match (&service, e.esource()) {
+                (Some(name), ErrorSource::Upstream) if is_connect_error(e) => {
+                    Rejection::Unreachable { service: name.clone(), detail: e.to_string() }
+                }
+                (Some(name), ErrorSource::Upstream) => {
+                    Rejection::UpstreamFailed { service: name.clone(), detail: e.etype().as_str().to_string() }
+                }
+                (_, ErrorSource::Downstream) => {
+                    // A malformed request body or similar: the client's fault.
+                    let (status, _, body) = (400, (), serde_json::json!({
+                        "error": { "code": "bad_request", "service": service.as_deref(), "message": e.etype().as_str() }
+                    }));
+                    let written = session.response_written().is_none()
+                        && write_json(session, status, None, &body).await.is_ok();
+                    return FailToProxy { error_code: if written { status } else { 0 }, can_reuse_downstream: false };
+                }
+                _ => Rejection::Internal { service: service.clone(), detail: e.to_string() },
+            };
+            let (status, retry_after, body) = error_response(&rejection);
+            if session.response_written().is_none() {
+                warn!(service = ?service, status, error = %e, "request failed");
+                if write_json(session, status, retry_after, &body).await.is_err() {
+                    return FailToProxy { error_code: 0, can_reuse_downstream: false };
+                }
+            } else {
+                // The response had started: the client sees a cut response, never a retry.
+                warn!(service = ?service, error = %e, "upstream failed after the response started");
+            }
+            return FailToProxy { error_code: status, can_reuse_downstream: false };
+        };
+
+        if error_code > 0 && session.response_written().is_none() {
+            let body = serde_json::json!({
+                "error": { "code": "unavailable", "service": service.as_deref(), "message": e.to_string() }
+            });
+            let _ = write_json(session, error_code, None, &body).await;
+        }
+        FailToProxy { error_code, can_reuse_downstream: false }
+    }
+
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Self::CTX, _error: &Error) -> bool {
+        // coldgate logs failures itself in fail_to_proxy, once per request.
+        true
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
+        self.release_buffered(ctx);
+        let status = session.response_written().map(|r| r.status.as_u16()).unwrap_or(0);
+        if let Some(service) = &ctx.service {
+            let status_label = if status == 0 { "none".to_string() } else { status.to_string() };
+            self.metrics.requests.with_label_values(&[service.name.as_ref(), status_label.as_str()]).inc();
+        }
+        debug!(
+            service = ?ctx.service_name(),
+            status,
+            held = ctx.held,
+            rejected = ctx.rejected,
+            elapsed_ms = ctx.arrived.elapsed().as_millis() as u64,
+            "request finished"
+        );
+        // The lease is released when the context drops, right after this callback.
+    }
+}

@@ -1,0 +1,98 @@
+//! The set of configured services and their route table, as one immutable snapshot.
+//!
+//! The proxy reads the current snapshot without locking (`ArcSwap`), and a configuration
+//! reload builds a new snapshot and swaps it in whole. Services that keep their name across
+//! a reload keep their `Service` object, so their queue, instances and idle clock survive.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::backend::process::ProcessBackend;
+use crate::backend::Backend;
+use crate::config::{self, Config};
+use crate::metrics::Metrics;
+use crate::routing::Router;
+use crate::service::{GlobalBudget, Service};
+
+struct Entry {
+    service: Arc<Service>,
+    /// Kept with its concrete type so a reload can hand it new process settings.
+    process: Option<Arc<ProcessBackend>>,
+}
+
+pub struct Registry {
+    entries: Vec<Entry>,
+    by_name: HashMap<String, usize>,
+    router: Router,
+}
+
+impl Registry {
+    /// Builds a snapshot for `config`, reusing the services of `previous` that keep their
+    /// name. Services dropped from the configuration are returned so the caller can stop
+    /// them once they are quiet.
+    pub fn build(
+        config: &Config,
+        previous: Option<&Registry>,
+        budget: &Arc<GlobalBudget>,
+        metrics: &Metrics,
+    ) -> (Registry, Vec<Arc<Service>>) {
+        let mut entries = Vec::with_capacity(config.services.len());
+        for service_config in &config.services {
+            let reused = previous.and_then(|p| p.entry(&service_config.name));
+            let entry = match (reused, &service_config.backend) {
+                (Some(old), config::Backend::Process(process)) if old.process.is_some() => {
+                    old.service.update_settings(service_config);
+                    if let Some(backend) = &old.process {
+                        backend.update(process.clone());
+                    }
+                    Entry { service: old.service.clone(), process: old.process.clone() }
+                }
+                (_, config::Backend::Process(process)) => {
+                    let backend = Arc::new(ProcessBackend::new(
+                        &service_config.name,
+                        process.clone(),
+                        metrics.process_exits.clone(),
+                    ));
+                    let service =
+                        Service::start(service_config, backend.clone() as Arc<dyn Backend>, budget.clone(), metrics);
+                    Entry { service, process: Some(backend) }
+                }
+            };
+            entries.push(entry);
+        }
+
+        let by_name: HashMap<String, usize> =
+            entries.iter().enumerate().map(|(i, e)| (e.service.name.to_string(), i)).collect();
+        let router = Router::new(config.services.iter().enumerate().flat_map(|(index, service)| {
+            service.hosts.iter().map(move |host| (host.as_str(), service.path_prefix.as_str(), index))
+        }));
+
+        let removed = previous
+            .map(|p| {
+                p.entries
+                    .iter()
+                    .filter(|e| !by_name.contains_key(e.service.name.as_ref()))
+                    .map(|e| e.service.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        (Registry { entries, by_name, router }, removed)
+    }
+
+    fn entry(&self, name: &str) -> Option<&Entry> {
+        self.by_name.get(name).map(|&i| &self.entries[i])
+    }
+
+    /// Returns the service for a normalised host and a request path.
+    pub fn route(&self, host: &str, path: &str) -> Option<Arc<Service>> {
+        self.router.route(host, path).map(|i| self.entries[i].service.clone())
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Service>> {
+        self.entry(name).map(|e| &e.service)
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
+        self.entries.iter().map(|e| &e.service)
+    }
+}

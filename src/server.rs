@@ -1,0 +1,200 @@
+//! Runs coldgate: the data listener, the admin server, and the ordered shutdown.
+//!
+//! [`run`] takes already-bound listeners and a shutdown future, so tests and the binary
+//! run the same code: the binary binds the configured addresses and passes SIGTERM/SIGINT.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use pingora_core::apps::{HttpServerOptions, ServerApp};
+use pingora_core::protocols::l4::stream::Stream as L4Stream;
+use pingora_core::protocols::{GetSocketDigest, SocketDigest};
+use pingora_core::server::configuration::ServerConf;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
+use tracing::{info, warn};
+
+use crate::admin::{self, AdminState};
+use crate::config::{format_duration, Config};
+use crate::metrics::Metrics;
+use crate::proxy::Activator;
+use crate::registry::Registry;
+use crate::service::GlobalBudget;
+
+/// The two sockets coldgate serves on.
+pub struct Listeners {
+    pub data: std::net::TcpListener,
+    pub admin: std::net::TcpListener,
+}
+
+impl Listeners {
+    /// Binds the data and admin addresses from the configuration.
+    pub fn bind(data: SocketAddr, admin: SocketAddr) -> std::io::Result<Self> {
+        let data = std::net::TcpListener::bind(data)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("failed to bind data listener {data}: {e}")))?;
+        let admin = std::net::TcpListener::bind(admin)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("failed to bind admin listener {admin}: {e}")))?;
+        data.set_nonblocking(true)?;
+        admin.set_nonblocking(true)?;
+        Ok(Listeners { data, admin })
+    }
+}
+
+/// Counts open client connections so shutdown can wait for them.
+#[derive(Default)]
+struct ConnectionCount {
+    open: AtomicUsize,
+    closed: Notify,
+}
+
+struct ConnectionGuard(Arc<ConnectionCount>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.closed.notify_waiters();
+        }
+    }
+}
+
+type Proxy = pingora_proxy::HttpProxy<Activator>;
+
+/// Hands an accepted client connection to pingora on its own task.
+fn spawn_connection(
+    proxy: &Arc<Proxy>,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    connections: &Arc<ConnectionCount>,
+    stop: &watch::Receiver<bool>,
+) {
+    let _ = stream.set_nodelay(true);
+    let mut stream: L4Stream = stream.into();
+    // pingora reads the client address from the socket digest (for X-Forwarded-For).
+    let digest = SocketDigest::from_raw_fd(std::os::fd::AsRawFd::as_raw_fd(&stream));
+    let _ = digest.peer_addr.set(Some(peer.into()));
+    stream.set_socket_digest(digest);
+
+    connections.open.fetch_add(1, Ordering::AcqRel);
+    let guard = ConnectionGuard(connections.clone());
+    let proxy = proxy.clone();
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        let _guard = guard;
+        proxy.process_new(Box::new(stream), &stop).await;
+    });
+}
+
+/// Serves until `shutdown` resolves, then drains: `/readyz` fails at once, the listener
+/// closes after `drain_delay`, open requests (held ones included) get up to
+/// `shutdown_grace` to finish, and finally every started instance is stopped.
+pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+    let started = Instant::now();
+    let metrics = Arc::new(Metrics::new());
+    let budget = Arc::new(GlobalBudget::new(config.server.max_total_queued, metrics.held_requests_total.clone()));
+    let (registry, _) = Registry::build(&config, None, &budget, &metrics);
+    let registry = Arc::new(ArcSwap::from_pointee(registry));
+
+    let mut server_conf = ServerConf::default();
+    server_conf.threads = config.server.threads.max(1);
+    // Connection retries are bounded by each request's deadline, not by a count.
+    server_conf.max_retries = usize::MAX;
+    let server_conf = Arc::new(server_conf);
+    let mut proxy = pingora_proxy::http_proxy(&server_conf, Activator::new(registry.clone(), metrics.clone()));
+    let mut options = HttpServerOptions::default();
+    options.h2c = true;
+    proxy.server_options = Some(options);
+    let proxy = Arc::new(proxy);
+
+    let data_listener = TcpListener::from_std(listeners.data)?;
+    let admin_listener = TcpListener::from_std(listeners.admin)?;
+    let data_addr = data_listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+
+    let (stop_sender, stop_receiver) = watch::channel(false);
+    let admin_state = Arc::new(AdminState {
+        registry: registry.clone(),
+        metrics: metrics.clone(),
+        accepting: AtomicBool::new(true),
+        started,
+        version: env!("CARGO_PKG_VERSION"),
+    });
+    let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state.clone(), stop_receiver.clone()));
+
+    metrics.startup_duration.observe(started.elapsed().as_secs_f64());
+    info!(
+        data_addr = %data_addr,
+        admin_addr = %admin_addr,
+        services = config.services.len(),
+        "listening"
+    );
+
+    // Accept until shutdown begins.
+    let connections = Arc::new(ConnectionCount::default());
+    let accept_loop = async {
+        loop {
+            let (stream, peer) = match data_listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            spawn_connection(&proxy, stream, peer, &connections, &stop_receiver);
+        }
+    };
+    tokio::select! {
+        () = accept_loop => {}
+        () = shutdown => {}
+    }
+
+    // Drain.
+    info!(drain_delay = %format_duration(config.server.drain_delay), "shutdown requested; /readyz now fails");
+    admin_state.accepting.store(false, Ordering::Release);
+    // Keep accepting during the drain delay so clients routed here before load balancers
+    // notice /readyz still get served.
+    let drain_accept = async {
+        loop {
+            if let Ok((stream, peer)) = data_listener.accept().await {
+                spawn_connection(&proxy, stream, peer, &connections, &stop_receiver);
+            }
+        }
+    };
+    let _ = tokio::time::timeout(config.server.drain_delay, drain_accept).await;
+    drop(data_listener);
+    let _ = stop_sender.send(true);
+    proxy.cleanup().await;
+    info!(
+        open_connections = connections.open.load(Ordering::Acquire),
+        grace = %format_duration(config.server.shutdown_grace),
+        "listener closed; waiting for open requests"
+    );
+
+    let wait_for_connections = async {
+        loop {
+            let closed = connections.closed.notified();
+            if connections.open.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            closed.await;
+        }
+    };
+    if tokio::time::timeout(config.server.shutdown_grace, wait_for_connections).await.is_err() {
+        warn!(
+            open_connections = connections.open.load(Ordering::Acquire),
+            "shutdown_grace passed with requests still open; closing them"
+        );
+    }
+
+    // Stop every instance coldgate started.
+    let services: Vec<_> = registry.load().services().cloned().collect();
+    futures::future::join_all(services.iter().map(|s| s.shut_down())).await;
+    admin_task.abort();
+    info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,835 @@
+//! Per-service state: the admission queue, the ready endpoints, in-flight counts, the idle
+//! clock and the state machine that activates a service from zero and scales it back.
+//!
+//! ```text
+//! Idle --request--> Activating --endpoint passes readiness probe--> Serving
+//! Serving --idle_timeout, nothing in flight or queued--> ScalingDown --stopped--> Idle
+//! ScalingDown --request--> (held) --stopped--> Activating
+//! Activating --instance exited, spawn failed, startup_timeout--> Idle, held requests fail
+//! ```
+//!
+//! Everything that changes together lives in one `State` behind one mutex, so the
+//! decisions "hold or forward", "activate now" and "scale down now" see one consistent view.
+//! No lock is held across an `.await`, and a [`Lease`] is never dropped while the lock is
+//! held, because its `Drop` takes the lock.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use prometheus::{Histogram, IntCounter, IntGauge};
+use tokio::sync::{oneshot, Notify};
+use tracing::{debug, info, warn};
+
+use crate::backend::Backend;
+use crate::config::{ServiceConfig, ServiceSettings};
+use crate::metrics::Metrics;
+use crate::probe;
+
+/// Where a service is in its life cycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Idle,
+    Activating,
+    Serving,
+    ScalingDown,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Idle => "idle",
+            Phase::Activating => "activating",
+            Phase::Serving => "serving",
+            Phase::ScalingDown => "scaling_down",
+        }
+    }
+}
+
+/// Why a request could not be admitted or was given up while held.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdmitError {
+    /// The service's queue holds `max_queued_requests` already.
+    QueueFull,
+    /// All services together hold `server.max_total_queued` already.
+    GlobalQueueFull,
+    /// The request was held for the whole `queue_timeout`.
+    Timeout,
+    /// The instance could not be started or died before it could serve the request.
+    ActivationFailed(Arc<str>),
+}
+
+/// Counts held requests across all services against `server.max_total_queued`.
+pub struct GlobalBudget {
+    held: AtomicUsize,
+    max: AtomicUsize,
+    gauge: IntGauge,
+}
+
+impl GlobalBudget {
+    pub fn new(max: usize, gauge: IntGauge) -> Self {
+        GlobalBudget { held: AtomicUsize::new(0), max: AtomicUsize::new(max), gauge }
+    }
+
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
+    }
+
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    fn try_reserve(&self) -> bool {
+        let max = self.max.load(Ordering::Relaxed);
+        let reserved = self
+            .held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| (held < max).then_some(held + 1))
+            .is_ok();
+        if reserved {
+            self.gauge.inc();
+        }
+        reserved
+    }
+
+    fn release(&self) {
+        self.held.fetch_sub(1, Ordering::AcqRel);
+        self.gauge.dec();
+    }
+}
+
+/// One ready instance of a service, as seen by the load balancer.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    /// Requests forwarded to this endpoint and not finished. Changed only under the service
+    /// lock; atomic so that status reads need no lock.
+    in_flight: AtomicUsize,
+    /// Set when the endpoint leaves the ready set, so a request retrying its connection
+    /// knows to pick another endpoint.
+    removed: AtomicBool,
+}
+
+impl Endpoint {
+    fn new(addr: SocketAddr) -> Self {
+        Endpoint { addr, in_flight: AtomicUsize::new(0), removed: AtomicBool::new(false) }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
+    }
+}
+
+type Grant = Arc<Endpoint>;
+type GrantSender = oneshot::Sender<Result<Grant, AdmitError>>;
+
+/// Prometheus series of one service, resolved once so the request path does no label lookups.
+struct ServiceMetrics {
+    queue_depth: IntGauge,
+    in_flight: IntGauge,
+    ready_endpoints: IntGauge,
+    cold_start: Histogram,
+    activation_success: IntCounter,
+    activation_failure: IntCounter,
+    scale_up: IntCounter,
+    scale_down: IntCounter,
+    wait_released: Histogram,
+    wait_timeout: Histogram,
+    wait_cancelled: Histogram,
+    wait_failed: Histogram,
+}
+
+impl ServiceMetrics {
+    fn new(metrics: &Metrics, name: &str) -> Self {
+        metrics.init_service(name);
+        let wait = |outcome: &str| metrics.queue_wait.with_label_values(&[name, outcome]);
+        ServiceMetrics {
+            queue_depth: metrics.queue_depth.with_label_values(&[name]),
+            in_flight: metrics.in_flight.with_label_values(&[name]),
+            ready_endpoints: metrics.ready_endpoints.with_label_values(&[name]),
+            cold_start: metrics.cold_start.with_label_values(&[name]),
+            activation_success: metrics.activations.with_label_values(&[name, "success"]),
+            activation_failure: metrics.activations.with_label_values(&[name, "failure"]),
+            scale_up: metrics.scale_events.with_label_values(&[name, "up"]),
+            scale_down: metrics.scale_events.with_label_values(&[name, "down"]),
+            wait_released: wait("released"),
+            wait_timeout: wait("timeout"),
+            wait_cancelled: wait("cancelled"),
+            wait_failed: wait("failed"),
+        }
+    }
+}
+
+struct State {
+    phase: Phase,
+    settings: ServiceSettings,
+    readiness_path: String,
+    /// Endpoints that passed the readiness probe, in the order they became ready.
+    ready: Vec<Arc<Endpoint>>,
+    /// Addresses reported by the backend and still being probed, each with a flag that stops
+    /// its probe task.
+    probing: HashMap<SocketAddr, Arc<Notify>>,
+    /// Held requests in arrival order; the key is an arrival sequence number.
+    queue: BTreeMap<u64, GrantSender>,
+    next_seq: u64,
+    in_flight: usize,
+    /// When the service last had nothing in flight and nothing queued.
+    idle_since: Instant,
+    /// Incremented on every activation, so stale timers and probes can tell they are stale.
+    activation_id: u64,
+    activation_started: Option<Instant>,
+    last_cold_start: Option<Duration>,
+    last_error: Option<String>,
+    /// Rotates the starting point of the least-outstanding scan so that ties spread out.
+    pick_offset: usize,
+}
+
+/// A snapshot of one service for `/status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub state: &'static str,
+    pub backend: &'static str,
+    pub instances: usize,
+    pub starting_instances: usize,
+    pub endpoints: Vec<EndpointStatus>,
+    pub queue_depth: usize,
+    pub in_flight: usize,
+    pub idle_seconds: Option<f64>,
+    pub last_cold_start_seconds: Option<f64>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EndpointStatus {
+    pub address: String,
+    pub in_flight: usize,
+}
+
+/// One configured service: its queue, endpoints and backend.
+pub struct Service {
+    pub name: Arc<str>,
+    backend: Arc<dyn Backend>,
+    budget: Arc<GlobalBudget>,
+    state: Mutex<State>,
+    /// Wakes the idle watcher when the service may have become idle or its settings changed.
+    idle_changed: Notify,
+    metrics: ServiceMetrics,
+    /// Set once coldgate shuts down: no new activations start after that.
+    closed: AtomicBool,
+}
+
+impl Service {
+    /// Creates the service and starts its idle watcher on the current tokio runtime.
+    pub fn start(
+        config: &ServiceConfig,
+        backend: Arc<dyn Backend>,
+        budget: Arc<GlobalBudget>,
+        metrics: &Metrics,
+    ) -> Arc<Self> {
+        let service = Arc::new(Service {
+            name: Arc::from(config.name.as_str()),
+            backend,
+            budget,
+            state: Mutex::new(State {
+                phase: Phase::Idle,
+                settings: config.settings.clone(),
+                readiness_path: config.readiness_path.clone(),
+                ready: Vec::new(),
+                probing: HashMap::new(),
+                queue: BTreeMap::new(),
+                next_seq: 0,
+                in_flight: 0,
+                idle_since: Instant::now(),
+                activation_id: 0,
+                activation_started: None,
+                last_cold_start: None,
+                last_error: None,
+                pick_offset: 0,
+            }),
+            idle_changed: Notify::new(),
+            metrics: ServiceMetrics::new(metrics, &config.name),
+            closed: AtomicBool::new(false),
+        });
+        tokio::spawn(Self::watch_idle(service.clone()));
+        service
+    }
+
+    /// Applies new limits and timeouts from a reloaded configuration. Held and in-flight
+    /// requests keep going; new limits apply to the next decision.
+    pub fn update_settings(&self, config: &ServiceConfig) {
+        {
+            let mut st = self.state.lock();
+            st.settings = config.settings.clone();
+            st.readiness_path = config.readiness_path.clone();
+            self.dispatch_locked(&mut st);
+        }
+        self.idle_changed.notify_one();
+    }
+
+    pub fn settings(&self) -> ServiceSettings {
+        self.state.lock().settings.clone()
+    }
+
+    pub fn backend_kind(&self) -> &'static str {
+        self.backend.kind()
+    }
+
+    /// Admits a request: a lease on a ready endpoint at once, a place in the queue, or a
+    /// rejection when a queue bound is reached. Queuing a request into an idle service
+    /// starts its activation.
+    pub fn admit(self: &Arc<Self>) -> Admission {
+        let mut st = self.state.lock();
+
+        if st.queue.is_empty() && st.phase == Phase::Serving {
+            if let Some(endpoint) = Self::pick_endpoint(&mut st) {
+                Self::count_start(&mut st, &endpoint);
+                self.metrics.in_flight.set(st.in_flight as i64);
+                drop(st);
+                return Admission::Ready(Lease::new(self.clone(), endpoint));
+            }
+        }
+
+        if st.queue.len() >= st.settings.max_queued_requests {
+            return Admission::Rejected(AdmitError::QueueFull);
+        }
+        if !self.budget.try_reserve() {
+            return Admission::Rejected(AdmitError::GlobalQueueFull);
+        }
+
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        let (sender, receiver) = oneshot::channel();
+        st.queue.insert(seq, sender);
+        self.metrics.queue_depth.set(st.queue.len() as i64);
+
+        match st.phase {
+            Phase::Idle => self.begin_activation_locked(&mut st),
+            // A request during a scale-down is held; finish_scale_down starts a new instance.
+            Phase::ScalingDown | Phase::Activating | Phase::Serving => {}
+        }
+        drop(st);
+
+        Admission::Queued(Waiter {
+            service: self.clone(),
+            seq,
+            receiver,
+            enqueued: Instant::now(),
+            finished: false,
+        })
+    }
+
+    /// Starts the service without a request, for example a warm-up call. Returns false when
+    /// it is already starting or running.
+    pub fn warm(self: &Arc<Self>) -> bool {
+        let mut st = self.state.lock();
+        if st.phase != Phase::Idle {
+            return false;
+        }
+        self.begin_activation_locked(&mut st);
+        true
+    }
+
+    /// Returns a status snapshot for the admin endpoints.
+    pub fn status(&self) -> ServiceStatus {
+        let st = self.state.lock();
+        let idle = st.in_flight == 0 && st.queue.is_empty();
+        ServiceStatus {
+            name: self.name.to_string(),
+            state: st.phase.as_str(),
+            backend: self.backend.kind(),
+            instances: st.ready.len(),
+            starting_instances: st.probing.len(),
+            endpoints: st
+                .ready
+                .iter()
+                .map(|e| EndpointStatus { address: e.addr.to_string(), in_flight: e.in_flight() })
+                .collect(),
+            queue_depth: st.queue.len(),
+            in_flight: st.in_flight,
+            idle_seconds: idle.then(|| st.idle_since.elapsed().as_secs_f64()),
+            last_cold_start_seconds: st.last_cold_start.map(|d| d.as_secs_f64()),
+            last_error: st.last_error.clone(),
+        }
+    }
+
+    /// Returns true when nothing is held or in flight.
+    pub fn is_quiet(&self) -> bool {
+        let st = self.state.lock();
+        st.in_flight == 0 && st.queue.is_empty()
+    }
+
+    /// Stops the backend for good: used at shutdown, after held and in-flight requests had
+    /// their grace period. Requests still held fail.
+    pub async fn shut_down(self: &Arc<Self>) {
+        self.closed.store(true, Ordering::Release);
+        self.idle_changed.notify_one();
+        let was_running = {
+            let mut st = self.state.lock();
+            let was_running = st.phase != Phase::Idle || !st.probing.is_empty();
+            self.clear_endpoints_locked(&mut st);
+            st.phase = Phase::ScalingDown;
+            self.fail_waiters_locked(&mut st, AdmitError::ActivationFailed("coldgate is shutting down".into()));
+            was_running
+        };
+        if was_running {
+            if let Err(error) = self.backend.scale_down().await {
+                warn!(service = %self.name, %error, "stopping the backend at shutdown failed");
+            }
+        }
+        self.state.lock().phase = Phase::Idle;
+    }
+
+    // ---- load balancing -------------------------------------------------------------
+
+    /// Picks the ready endpoint with the fewest requests in flight that is below the
+    /// per-endpoint concurrency limit.
+    fn pick_endpoint(st: &mut State) -> Option<Arc<Endpoint>> {
+        let count = st.ready.len();
+        if count == 0 {
+            return None;
+        }
+        let limit = st.settings.max_concurrency_per_endpoint;
+        st.pick_offset = st.pick_offset.wrapping_add(1);
+        let mut best: Option<&Arc<Endpoint>> = None;
+        for i in 0..count {
+            let endpoint = &st.ready[(st.pick_offset + i) % count];
+            let load = endpoint.in_flight();
+            if limit != 0 && load >= limit {
+                continue;
+            }
+            if best.is_none_or(|b| load < b.in_flight()) {
+                best = Some(endpoint);
+            }
+        }
+        best.cloned()
+    }
+
+    fn count_start(st: &mut State, endpoint: &Endpoint) {
+        endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
+        st.in_flight += 1;
+    }
+
+    /// Hands held requests, oldest first, to endpoints with free capacity.
+    fn dispatch_locked(&self, st: &mut State) {
+        if st.phase != Phase::Serving {
+            return;
+        }
+        while !st.queue.is_empty() {
+            let Some(endpoint) = Self::pick_endpoint(st) else { break };
+            let Some((_, sender)) = st.queue.pop_first() else { break };
+            self.budget.release();
+            Self::count_start(st, &endpoint);
+            if let Err(Ok(endpoint)) = sender.send(Ok(endpoint)) {
+                // The waiter is gone (its Drop is waiting for this lock). Undo the count here
+                // instead of building a Lease, whose Drop would take the lock again.
+                endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
+                st.in_flight -= 1;
+            }
+        }
+        self.metrics.queue_depth.set(st.queue.len() as i64);
+        self.metrics.in_flight.set(st.in_flight as i64);
+    }
+
+    fn release(&self, endpoint: &Endpoint) {
+        let mut st = self.state.lock();
+        endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
+        st.in_flight -= 1;
+        self.mark_idle_if_quiet(&mut st);
+        self.dispatch_locked(&mut st);
+        self.metrics.in_flight.set(st.in_flight as i64);
+    }
+
+    fn mark_idle_if_quiet(&self, st: &mut State) {
+        if st.in_flight == 0 && st.queue.is_empty() {
+            st.idle_since = Instant::now();
+            self.idle_changed.notify_one();
+        }
+    }
+
+    fn fail_waiters_locked(&self, st: &mut State, error: AdmitError) {
+        let queue = std::mem::take(&mut st.queue);
+        for (_, sender) in queue {
+            self.budget.release();
+            // A closed receiver means the waiter is already leaving; nothing to tell it.
+            let _ = sender.send(Err(error.clone()));
+        }
+        self.metrics.queue_depth.set(0);
+        self.mark_idle_if_quiet(st);
+    }
+
+    fn clear_endpoints_locked(&self, st: &mut State) {
+        for endpoint in st.ready.drain(..) {
+            endpoint.removed.store(true, Ordering::Release);
+        }
+        for (_, stop) in st.probing.drain() {
+            stop.notify_one();
+        }
+        self.metrics.ready_endpoints.set(0);
+    }
+
+    // ---- activation -----------------------------------------------------------------
+
+    fn begin_activation_locked(self: &Arc<Self>, st: &mut State) {
+        if self.closed.load(Ordering::Acquire) {
+            self.fail_waiters_locked(st, AdmitError::ActivationFailed("coldgate is shutting down".into()));
+            return;
+        }
+        st.phase = Phase::Activating;
+        st.activation_id += 1;
+        st.activation_started = Some(Instant::now());
+        st.last_error = None;
+        let activation_id = st.activation_id;
+        let startup_timeout = st.settings.startup_timeout;
+        info!(service = %self.name, "activating: starting an instance");
+        self.metrics.scale_up.inc();
+
+        let service = self.clone();
+        tokio::spawn(async move {
+            let events = EndpointEvents { service: Arc::downgrade(&service) };
+            if let Err(error) = service.backend.scale_up(events).await {
+                service.activation_failed(activation_id, error.to_string(), false).await;
+                return;
+            }
+            tokio::time::sleep(startup_timeout).await;
+            let still_starting = {
+                let st = service.state.lock();
+                st.activation_id == activation_id && st.phase == Phase::Activating
+            };
+            if still_starting {
+                let reason = format!(
+                    "no instance passed its readiness probe within startup_timeout ({})",
+                    crate::config::format_duration(startup_timeout)
+                );
+                service.activation_failed(activation_id, reason, true).await;
+            }
+        });
+    }
+
+    /// Fails the held requests of a start that went wrong and returns the service to Idle.
+    /// With `stop_backend`, whatever the backend started is stopped too.
+    async fn activation_failed(self: &Arc<Self>, activation_id: u64, reason: String, stop_backend: bool) {
+        {
+            let mut st = self.state.lock();
+            if st.activation_id != activation_id || st.phase != Phase::Activating {
+                return;
+            }
+            warn!(service = %self.name, reason = %reason, "activation failed; failing held requests");
+            self.metrics.activation_failure.inc();
+            st.last_error = Some(reason.clone());
+            self.clear_endpoints_locked(&mut st);
+            self.fail_waiters_locked(&mut st, AdmitError::ActivationFailed(reason.into()));
+            st.phase = if stop_backend { Phase::ScalingDown } else { Phase::Idle };
+        }
+        if stop_backend {
+            if let Err(error) = self.backend.scale_down().await {
+                warn!(service = %self.name, %error, "stopping a failed instance failed");
+            }
+            self.finish_scale_down();
+        }
+    }
+
+    /// Called by the backend with an address that may serve the service once its readiness
+    /// probe passes.
+    fn endpoint_discovered(self: &Arc<Self>, addr: SocketAddr) {
+        let mut st = self.state.lock();
+        if st.probing.contains_key(&addr) || st.ready.iter().any(|e| e.addr == addr) {
+            return;
+        }
+        if matches!(st.phase, Phase::ScalingDown | Phase::Idle) {
+            debug!(service = %self.name, %addr, "ignoring an endpoint reported while not activating");
+            return;
+        }
+        let stop = Arc::new(Notify::new());
+        st.probing.insert(addr, stop.clone());
+        let plan = probe::ProbePlan {
+            addr,
+            path: st.readiness_path.clone(),
+            interval: st.settings.probe_interval,
+            timeout: st.settings.probe_timeout,
+        };
+        let activation_id = st.activation_id;
+        drop(st);
+
+        let service = self.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = probe::wait_until_ready(&plan) => service.endpoint_ready(addr, activation_id),
+                () = stop.notified() => debug!(service = %service.name, %addr, "probe stopped"),
+            }
+        });
+    }
+
+    fn endpoint_ready(self: &Arc<Self>, addr: SocketAddr, activation_id: u64) {
+        let mut st = self.state.lock();
+        if st.probing.remove(&addr).is_none() {
+            return;
+        }
+        st.ready.push(Arc::new(Endpoint::new(addr)));
+        self.metrics.ready_endpoints.set(st.ready.len() as i64);
+        if st.phase == Phase::Activating && st.activation_id == activation_id {
+            let elapsed = st.activation_started.map(|t| t.elapsed()).unwrap_or_default();
+            st.last_cold_start = Some(elapsed);
+            self.metrics.cold_start.observe(elapsed.as_secs_f64());
+            self.metrics.activation_success.inc();
+            info!(
+                service = %self.name,
+                endpoint = %addr,
+                elapsed_ms = elapsed.as_millis() as u64,
+                held = st.queue.len(),
+                "instance ready; releasing held requests"
+            );
+        } else {
+            info!(service = %self.name, endpoint = %addr, "instance ready");
+        }
+        st.phase = Phase::Serving;
+        self.mark_idle_if_quiet(&mut st);
+        self.dispatch_locked(&mut st);
+    }
+
+    /// Called by the backend when an address stops serving (the process exited, the pod
+    /// went away). If it was the last one, held requests fail with the reason at once.
+    fn endpoint_lost(self: &Arc<Self>, addr: SocketAddr, reason: String) {
+        let mut st = self.state.lock();
+        let was_probing = st.probing.remove(&addr).map(|stop| stop.notify_one()).is_some();
+        let position = st.ready.iter().position(|e| e.addr == addr);
+        let was_ready = position.is_some();
+        if let Some(position) = position {
+            let endpoint = st.ready.remove(position);
+            endpoint.removed.store(true, Ordering::Release);
+            self.metrics.ready_endpoints.set(st.ready.len() as i64);
+        }
+        if !was_probing && !was_ready {
+            return; // Already removed, for example by a scale-down.
+        }
+        warn!(service = %self.name, endpoint = %addr, reason = %reason, "instance lost");
+        st.last_error = Some(reason.clone());
+        if !st.ready.is_empty() || !st.probing.is_empty() {
+            return;
+        }
+        if st.phase == Phase::Activating {
+            self.metrics.activation_failure.inc();
+        }
+        if matches!(st.phase, Phase::Activating | Phase::Serving) {
+            st.phase = Phase::Idle;
+            self.fail_waiters_locked(&mut st, AdmitError::ActivationFailed(reason.into()));
+        }
+    }
+
+    // ---- scale to zero --------------------------------------------------------------
+
+    /// Scales the service to zero once it has been quiet for `idle_timeout`. Runs until the
+    /// service is closed.
+    async fn watch_idle(service: Arc<Service>) {
+        while !service.closed.load(Ordering::Acquire) {
+            let notified = service.idle_changed.notified();
+            let wait_until = {
+                let st = service.state.lock();
+                let quiet = st.in_flight == 0 && st.queue.is_empty();
+                (st.phase == Phase::Serving && quiet).then(|| st.idle_since + st.settings.idle_timeout)
+            };
+            match wait_until {
+                Some(deadline) if Instant::now() >= deadline => service.clone().scale_down_if_idle().await,
+                Some(deadline) => {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(deadline.into()) => {}
+                        () = notified => {}
+                    }
+                }
+                None => notified.await,
+            }
+        }
+    }
+
+    async fn scale_down_if_idle(self: Arc<Self>) {
+        {
+            let mut st = self.state.lock();
+            let quiet = st.in_flight == 0 && st.queue.is_empty();
+            let expired = st.idle_since.elapsed() >= st.settings.idle_timeout;
+            if st.phase != Phase::Serving || !quiet || !expired {
+                return;
+            }
+            info!(
+                service = %self.name,
+                idle_ms = st.idle_since.elapsed().as_millis() as u64,
+                "idle timeout reached; scaling to zero"
+            );
+            st.phase = Phase::ScalingDown;
+            self.clear_endpoints_locked(&mut st);
+            self.metrics.scale_down.inc();
+        }
+        if let Err(error) = self.backend.scale_down().await {
+            warn!(service = %self.name, %error, "scale-down failed");
+            self.state.lock().last_error = Some(error.to_string());
+        }
+        self.finish_scale_down();
+    }
+
+    fn finish_scale_down(self: &Arc<Self>) {
+        let mut st = self.state.lock();
+        if st.phase != Phase::ScalingDown {
+            return;
+        }
+        st.phase = Phase::Idle;
+        if !st.queue.is_empty() {
+            info!(service = %self.name, held = st.queue.len(), "requests arrived during scale-down; activating again");
+            self.begin_activation_locked(&mut st);
+        } else {
+            info!(service = %self.name, "scaled to zero");
+        }
+    }
+}
+
+/// The result of [`Service::admit`].
+pub enum Admission {
+    Ready(Lease),
+    Queued(Waiter),
+    Rejected(AdmitError),
+}
+
+/// A request's place in a service's queue. Dropping it (the client went away, the request
+/// was cancelled) gives the place back at once.
+pub struct Waiter {
+    service: Arc<Service>,
+    seq: u64,
+    receiver: oneshot::Receiver<Result<Grant, AdmitError>>,
+    enqueued: Instant,
+    finished: bool,
+}
+
+impl Waiter {
+    pub fn service(&self) -> &Arc<Service> {
+        &self.service
+    }
+
+    pub fn enqueued_at(&self) -> Instant {
+        self.enqueued
+    }
+
+    /// Waits for an endpoint until `deadline`. Cancel-safe: dropping the future leaves the
+    /// queue as if the request had never been queued.
+    pub async fn wait(mut self, deadline: Instant) -> Result<Lease, AdmitError> {
+        let outcome = tokio::time::timeout_at(deadline.into(), &mut self.receiver).await;
+        let result = match outcome {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(AdmitError::ActivationFailed("the service was removed".into())),
+            Err(_) => match self.leave_queue() {
+                // The grant raced the deadline: the endpoint is ours, so use it.
+                Some(endpoint) => Ok(endpoint),
+                None => Err(AdmitError::Timeout),
+            },
+        };
+        self.finished = true;
+        let waited = self.enqueued.elapsed().as_secs_f64();
+        let metrics = &self.service.metrics;
+        match &result {
+            Ok(_) => metrics.wait_released.observe(waited),
+            Err(AdmitError::Timeout) => metrics.wait_timeout.observe(waited),
+            Err(_) => metrics.wait_failed.observe(waited),
+        }
+        result.map(|endpoint| Lease::new(self.service.clone(), endpoint))
+    }
+
+    /// Removes this waiter from the queue. Returns the endpoint if it was granted one in the
+    /// meantime; the caller then owns one in-flight count on it.
+    fn leave_queue(&mut self) -> Option<Grant> {
+        {
+            let mut st = self.service.state.lock();
+            if st.queue.remove(&self.seq).is_some() {
+                self.service.budget.release();
+                self.service.metrics.queue_depth.set(st.queue.len() as i64);
+                self.service.mark_idle_if_quiet(&mut st);
+                return None;
+            }
+        }
+        // Not in the queue any more, so a result was sent under the lock before we took it.
+        match self.receiver.try_recv() {
+            Ok(Ok(endpoint)) => Some(endpoint),
+            _ => None,
+        }
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        if let Some(endpoint) = self.leave_queue() {
+            // Granted just as the client left: give the endpoint back. The lock is not held.
+            drop(Lease::new(self.service.clone(), endpoint));
+        }
+        self.service.metrics.wait_cancelled.observe(self.enqueued.elapsed().as_secs_f64());
+    }
+}
+
+/// One in-flight request on one endpoint. Dropping it ends the request's share of the
+/// endpoint's concurrency and may start the idle clock.
+pub struct Lease {
+    service: Arc<Service>,
+    endpoint: Arc<Endpoint>,
+}
+
+impl Lease {
+    fn new(service: Arc<Service>, endpoint: Arc<Endpoint>) -> Self {
+        Lease { service, endpoint }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.endpoint.addr
+    }
+
+    pub fn service(&self) -> &Arc<Service> {
+        &self.service
+    }
+
+    /// Returns false once the endpoint has left the ready set (its instance stopped or
+    /// crashed), so a retry should pick another endpoint.
+    pub fn is_current(&self) -> bool {
+        !self.endpoint.is_removed()
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.service.release(&self.endpoint);
+    }
+}
+
+/// The channel through which a backend reports the addresses of its instances.
+#[derive(Clone)]
+pub struct EndpointEvents {
+    service: Weak<Service>,
+}
+
+impl EndpointEvents {
+    /// Reports an address that may serve once it passes the readiness probe.
+    pub fn discovered(&self, addr: SocketAddr) {
+        if let Some(service) = self.service.upgrade() {
+            service.endpoint_discovered(addr);
+        }
+    }
+
+    /// Reports that an address no longer serves, with a reason for held requests and logs.
+    pub fn lost(&self, addr: SocketAddr, reason: String) {
+        if let Some(service) = self.service.upgrade() {
+            service.endpoint_lost(addr, reason);
+        }
+    }
+
+    pub fn service_name(&self) -> Option<Arc<str>> {
+        self.service.upgrade().map(|s| s.name.clone())
+    }
+}
+
+impl std::fmt::Debug for EndpointEvents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointEvents").finish_non_exhaustive()
+    }
+}
