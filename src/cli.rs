@@ -134,6 +134,7 @@ fn init_logging(format: LogFormat, filter: &str) {
 
 fn serve(config: Config, log_format: Option<LogFormat>) -> ExitCode {
     init_logging(log_format.unwrap_or(config.log.format), &config.log.filter);
+    raise_open_file_limit();
     let threads = match config.server.threads {
         0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
         n => n,
@@ -154,6 +155,24 @@ fn serve(config: Config, log_format: Option<LogFormat>) -> ExitCode {
         Err(error) => {
             error!(%error, "coldgate failed");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit: every held request keeps a client
+/// socket open, and the default soft limit (often 1024) would cap held requests well below
+/// `max_total_queued`.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed to them.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 || limit.rlim_cur >= limit.rlim_max {
+            return;
+        }
+        let previous = limit.rlim_cur;
+        limit.rlim_cur = limit.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+            info!(from = previous, to = limit.rlim_max, "raised the open file limit");
         }
     }
 }

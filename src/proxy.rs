@@ -53,6 +53,8 @@ const UPSTREAM_POOL_IDLE: Duration = Duration::from_secs(4);
 pub enum Rejection {
     BadHost,
     NoRoute,
+    /// The request itself is malformed (a bad body encoding, for example).
+    BadRequest { service: Option<Arc<str>>, detail: String },
     Admit { service: Arc<str>, error: AdmitError, retry_after: u64 },
     /// The instance could not be reached before the request's deadline.
     Unreachable { service: Arc<str>, detail: String },
@@ -78,6 +80,11 @@ pub fn error_response(rejection: &Rejection) -> (u16, Option<u64>, serde_json::V
             404,
             None,
             body("no_route", None, "no service is configured for this Host and path".into()),
+        ),
+        Rejection::BadRequest { service, detail } => (
+            400,
+            None,
+            body("bad_request", service.as_deref(), format!("the request could not be read: {detail}")),
         ),
         Rejection::Admit { service, error, retry_after } => match error {
             AdmitError::QueueFull => (
@@ -133,6 +140,8 @@ pub struct RequestCtx {
     /// Body bytes read while held, counted in `coldgate_buffered_bytes` until forwarded.
     buffered: usize,
     rejected: bool,
+    /// Set when a retry had to queue again and was rejected; `fail_to_proxy` answers it.
+    pending_rejection: Option<Rejection>,
 }
 
 impl RequestCtx {
@@ -301,6 +310,28 @@ fn is_connect_error(error: &Error) -> bool {
     )
 }
 
+/// Maps a pingora error to coldgate's answer, or `None` when the client is gone and there
+/// is nobody to answer.
+fn classify_failure(error: &Error, service: Option<Arc<str>>) -> Option<Rejection> {
+    let detail = error.to_string();
+    match (error.esource(), service) {
+        (ErrorSource::Downstream, _)
+            if matches!(
+                error.etype(),
+                ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+            ) =>
+        {
+            None
+        }
+        (ErrorSource::Downstream, service) => Some(Rejection::BadRequest { service, detail }),
+        (ErrorSource::Upstream, Some(service)) if is_connect_error(error) => {
+            Some(Rejection::Unreachable { service, detail })
+        }
+        (ErrorSource::Upstream, Some(service)) => Some(Rejection::UpstreamFailed { service, detail }),
+        (_, service) => Some(Rejection::Internal { service, detail }),
+    }
+}
+
 #[async_trait]
 impl ProxyHttp for Activator {
     type CTX = RequestCtx;
@@ -316,6 +347,7 @@ impl ProxyHttp for Activator {
             held: false,
             buffered: 0,
             rejected: false,
+            pending_rejection: None,
         }
     }
 
@@ -359,17 +391,18 @@ impl ProxyHttp for Activator {
                 .min(CONNECT_BACKOFF_MAX);
             let now = Instant::now();
             if now + backoff >= deadline {
+                ctx.pending_rejection = Some(Rejection::Unreachable {
+                    service: service.name.clone(),
+                    detail: format!("connection attempts kept failing until the deadline ({} attempts)", ctx.connect_failures),
+                });
                 return Error::e_explain(ErrorType::ConnectTimedout, "the request's deadline passed while connecting");
             }
             tokio::time::sleep(backoff).await;
             if !ctx.lease.as_ref().is_some_and(Lease::is_current) {
                 ctx.lease = None;
                 if let Some(rejection) = self.hold(session, ctx, service.clone()).await? {
-                    let (status, _, _) = error_response(&rejection);
-                    return Err(Error::explain(
-                        ErrorType::HTTPStatus(status),
-                        format!("{rejection:?}"),
-                    ));
+                    ctx.pending_rejection = Some(rejection);
+                    return Error::e_explain(ErrorType::InternalError, "no instance available for the retry");
                 }
             }
         }
@@ -431,54 +464,29 @@ impl ProxyHttp for Activator {
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Self::CTX) -> FailToProxy {
         self.release_buffered(ctx);
-        let service = ctx.service_name();
-        let downstream_gone = *e.esource() == ErrorSource::Downstream
-            && matches!(e.etype(), ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError);
-
-        let error_code = if downstream_gone {
-            0
-        } else if let ErrorType::HTTPStatus(code) = e.etype() {
-            // A rejection found while re-queueing for a retry; the status is already mapped.
-            *code
-        } else {
-            let rejection = match (&service, e.esource()) {
-                (Some(name), ErrorSource::Upstream) if is_connect_error(e) => {
-                    Rejection::Unreachable { service: name.clone(), detail: e.to_string() }
-                }
-                (Some(name), ErrorSource::Upstream) => {
-                    Rejection::UpstreamFailed { service: name.clone(), detail: e.etype().as_str().to_string() }
-                }
-                (_, ErrorSource::Downstream) => {
-                    // A malformed request body or similar: the client's fault.
-                    let (status, _, body) = (400, (), serde_json::json!({
-                        "error": { "code": "bad_request", "service": service.as_deref(), "message": e.etype().as_str() }
-                    }));
-                    let written = session.response_written().is_none()
-                        && write_json(session, status, None, &body).await.is_ok();
-                    return FailToProxy { error_code: if written { status } else { 0 }, can_reuse_downstream: false };
-                }
-                _ => Rejection::Internal { service: service.clone(), detail: e.to_string() },
-            };
-            let (status, retry_after, body) = error_response(&rejection);
-            if session.response_written().is_none() {
-                warn!(service = ?service, status, error = %e, "request failed");
-                if write_json(session, status, retry_after, &body).await.is_err() {
+        let rejection = match ctx.pending_rejection.take() {
+            Some(rejection) => rejection,
+            None => match classify_failure(e, ctx.service_name()) {
+                Some(rejection) => rejection,
+                None => {
+                    debug!(service = ?ctx.service_name(), error = %e, "client connection ended");
                     return FailToProxy { error_code: 0, can_reuse_downstream: false };
                 }
-            } else {
-                // The response had started: the client sees a cut response, never a retry.
-                warn!(service = ?service, error = %e, "upstream failed after the response started");
-            }
-            return FailToProxy { error_code: status, can_reuse_downstream: false };
+            },
         };
-
-        if error_code > 0 && session.response_written().is_none() {
-            let body = serde_json::json!({
-                "error": { "code": "unavailable", "service": service.as_deref(), "message": e.to_string() }
-            });
-            let _ = write_json(session, error_code, None, &body).await;
+        let (status, retry_after, body) = error_response(&rejection);
+        if session.response_written().is_some() {
+            // The response had started, so the client sees it cut short; nothing is retried.
+            warn!(service = ?ctx.service_name(), error = %e, "request failed after the response started");
+            return FailToProxy { error_code: 0, can_reuse_downstream: false };
         }
-        FailToProxy { error_code, can_reuse_downstream: false }
+        match status {
+            400..=499 => debug!(service = ?ctx.service_name(), status, error = %e, "bad request"),
+            _ => warn!(service = ?ctx.service_name(), status, error = %e, "request failed"),
+        }
+        ctx.rejected = true;
+        let written = write_json(session, status, retry_after, &body).await.is_ok();
+        FailToProxy { error_code: if written { status } else { 0 }, can_reuse_downstream: false }
     }
 
     fn suppress_error_log(&self, _session: &Session, _ctx: &Self::CTX, _error: &Error) -> bool {
@@ -502,5 +510,53 @@ impl ProxyHttp for Activator {
             "request finished"
         );
         // The lease is released when the context drops, right after this callback.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status_of(rejection: Rejection) -> (u16, Option<u64>, String) {
+        let (status, retry_after, body) = error_response(&rejection);
+        (status, retry_after, body["error"]["code"].as_str().unwrap().to_string())
+    }
+
+    #[test]
+    fn each_failure_maps_to_one_status() {
+        let service: Arc<str> = Arc::from("iris");
+        let admit = |error| Rejection::Admit { service: service.clone(), error, retry_after: 7 };
+        let cases = [
+            (Rejection::BadHost, 400, None, "invalid_host"),
+            (Rejection::NoRoute, 404, None, "no_route"),
+            (admit(AdmitError::QueueFull), 503, Some(7), "queue_full"),
+            (admit(AdmitError::GlobalQueueFull), 503, Some(7), "overloaded"),
+            (admit(AdmitError::Timeout), 504, None, "queue_timeout"),
+            (admit(AdmitError::ActivationFailed("exit status: 3".into())), 502, None, "activation_failed"),
+            (Rejection::Unreachable { service: service.clone(), detail: "refused".into() }, 502, None, "upstream_unreachable"),
+            (Rejection::UpstreamFailed { service: service.clone(), detail: "reset".into() }, 502, None, "upstream_failed"),
+            (Rejection::BadRequest { service: None, detail: "bad chunk".into() }, 400, None, "bad_request"),
+        ];
+        for (rejection, status, retry_after, code) in cases {
+            let label = format!("{rejection:?}");
+            assert_eq!(status_of(rejection), (status, retry_after, code.to_string()), "{label}");
+        }
+    }
+
+    #[test]
+    fn client_gone_gets_no_answer() {
+        let mut error = Error::new(ErrorType::ConnectionClosed);
+        error.esource = ErrorSource::Downstream;
+        assert!(classify_failure(&error, Some("iris".into())).is_none());
+    }
+
+    #[test]
+    fn upstream_connect_failure_is_unreachable() {
+        let mut error = Error::new(ErrorType::ConnectRefused);
+        error.esource = ErrorSource::Upstream;
+        assert!(matches!(classify_failure(&error, Some("iris".into())), Some(Rejection::Unreachable { .. })));
+        let mut reset = Error::new(ErrorType::ConnectionClosed);
+        reset.esource = ErrorSource::Upstream;
+        assert!(matches!(classify_failure(&reset, Some("iris".into())), Some(Rejection::UpstreamFailed { .. })));
     }
 }

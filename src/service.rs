@@ -833,3 +833,161 @@ impl std::fmt::Debug for EndpointEvents {
         f.debug_struct("EndpointEvents").finish_non_exhaustive()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::BackendError;
+    use async_trait::async_trait;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A backend that records scale calls and never reports an endpoint, or fails to start.
+    #[derive(Default)]
+    struct CountingBackend {
+        scale_ups: AtomicUsize,
+        fail: bool,
+    }
+
+    #[async_trait]
+    impl Backend for CountingBackend {
+        async fn scale_up(&self, _events: EndpointEvents) -> Result<(), BackendError> {
+            self.scale_ups.fetch_add(1, Ordering::SeqCst);
+            if self.fail {
+                return Err(BackendError::Spawn {
+                    command: "missing-model-server".into(),
+                    source: std::io::Error::from(std::io::ErrorKind::NotFound),
+                });
+            }
+            Ok(())
+        }
+        async fn scale_down(&self) -> Result<(), BackendError> {
+            Ok(())
+        }
+        fn kind(&self) -> &'static str {
+            "test"
+        }
+    }
+
+    fn service_with(defaults: &str, backend: Arc<CountingBackend>, global_max: usize) -> (Arc<Service>, Arc<GlobalBudget>) {
+        let text = format!(
+            "[defaults]\n{defaults}\n[[service]]\nname = \"m\"\nhosts = [\"m.local\"]\n[service.process]\ncommand = \"true\"\n"
+        );
+        let config = crate::config::parse(&text, "test.toml").unwrap();
+        let metrics = Metrics::new();
+        let budget = Arc::new(GlobalBudget::new(global_max, metrics.held_requests_total.clone()));
+        let service = Service::start(&config.services[0], backend, budget.clone(), &metrics);
+        (service, budget)
+    }
+
+    fn queued(admission: Admission) -> Waiter {
+        match admission {
+            Admission::Queued(waiter) => waiter,
+            Admission::Ready(_) => panic!("expected the request to be queued, it was forwarded"),
+            Admission::Rejected(error) => panic!("expected the request to be queued, it was rejected: {error:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn held_request_times_out_at_deadline() {
+        let (service, budget) = service_with("", Arc::default(), 100);
+        let waiter = queued(service.admit());
+        let started = tokio::time::Instant::now();
+        let result = waiter.wait(Instant::now() + Duration::from_secs(30)).await;
+        assert_eq!(result.err(), Some(AdmitError::Timeout));
+        assert!(started.elapsed() >= Duration::from_secs(30));
+        assert_eq!(service.status().queue_depth, 0);
+        assert_eq!(budget.held(), 0);
+    }
+
+    #[tokio::test]
+    async fn queue_bound_rejects_overflow() {
+        let (service, _) = service_with("max_queued_requests = 2", Arc::default(), 100);
+        let _first = queued(service.admit());
+        let _second = queued(service.admit());
+        assert!(matches!(service.admit(), Admission::Rejected(AdmitError::QueueFull)));
+    }
+
+    #[tokio::test]
+    async fn global_budget_rejects_overflow() {
+        let (service, budget) = service_with("", Arc::default(), 1);
+        let _first = queued(service.admit());
+        assert!(matches!(service.admit(), Admission::Rejected(AdmitError::GlobalQueueFull)));
+        assert_eq!(budget.held(), 1);
+    }
+
+    #[tokio::test]
+    async fn dropped_waiter_leaves_queue() {
+        let (service, budget) = service_with("", Arc::default(), 100);
+        let waiter = queued(service.admit());
+        assert_eq!(service.status().queue_depth, 1);
+        drop(waiter);
+        assert_eq!(service.status().queue_depth, 0);
+        assert_eq!(budget.held(), 0);
+    }
+
+    #[tokio::test]
+    async fn many_requests_activate_once() {
+        let backend = Arc::new(CountingBackend::default());
+        let (service, _) = service_with("", backend.clone(), 100);
+        let waiters: Vec<_> = (0..50).map(|_| queued(service.admit())).collect();
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(backend.scale_ups.load(Ordering::SeqCst), 1);
+        assert_eq!(service.status().state, "activating");
+        assert_eq!(waiters.len(), 50);
+    }
+
+    #[tokio::test]
+    async fn failed_start_fails_held_requests() {
+        let backend = Arc::new(CountingBackend { fail: true, ..Default::default() });
+        let (service, budget) = service_with("", backend, 100);
+        let waiter = queued(service.admit());
+        let result = tokio::time::timeout(Duration::from_secs(5), waiter.wait(Instant::now() + Duration::from_secs(60)))
+            .await
+            .expect("held request should fail at once, not at its deadline");
+        match result {
+            Err(AdmitError::ActivationFailed(reason)) => assert!(reason.contains("missing-model-server"), "{reason}"),
+            other => panic!("expected ActivationFailed, got {:?}", other.map(|l| l.addr())),
+        }
+        assert_eq!(service.status().state, "idle");
+        assert_eq!(budget.held(), 0);
+    }
+
+    #[test]
+    fn least_outstanding_pick_skips_full_endpoints() {
+        let config = crate::config::parse(
+            "[[service]]\nname = \"m\"\nhosts = [\"m.local\"]\n[service.process]\ncommand = \"true\"\n",
+            "t.toml",
+        )
+        .unwrap();
+        let mut settings = config.services[0].settings.clone();
+        settings.max_concurrency_per_endpoint = 2;
+        let endpoints: Vec<_> = (1..=3).map(|i| Arc::new(Endpoint::new(([127, 0, 0, 1], 9000 + i).into()))).collect();
+        endpoints[0].in_flight.store(2, Ordering::Relaxed);
+        endpoints[1].in_flight.store(1, Ordering::Relaxed);
+        endpoints[2].in_flight.store(0, Ordering::Relaxed);
+        let mut st = State {
+            phase: Phase::Serving,
+            settings,
+            readiness_path: "/".into(),
+            ready: endpoints.clone(),
+            probing: HashMap::new(),
+            queue: BTreeMap::new(),
+            next_seq: 0,
+            in_flight: 3,
+            idle_since: Instant::now(),
+            activation_id: 0,
+            activation_started: None,
+            last_cold_start: None,
+            last_error: None,
+            pick_offset: 0,
+        };
+        for _ in 0..5 {
+            assert_eq!(Service::pick_endpoint(&mut st).unwrap().addr.port(), 9003);
+        }
+        endpoints[2].in_flight.store(2, Ordering::Relaxed);
+        assert_eq!(Service::pick_endpoint(&mut st).unwrap().addr.port(), 9002);
+        endpoints[1].in_flight.store(2, Ordering::Relaxed);
+        assert!(Service::pick_endpoint(&mut st).is_none(), "every endpoint is at its limit");
+    }
+}
