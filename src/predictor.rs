@@ -163,6 +163,8 @@ struct Predictor {
     ready: AtomicBool,
     refuse_window_started: AtomicBool,
     refuse_requested: Notify,
+    /// Signalled by the accept loop once the listener is closed for the refusal window.
+    listener_closed: Notify,
     requests: AtomicU64,
     probes: AtomicU64,
     echo_checksums: Mutex<Vec<String>>,
@@ -177,6 +179,7 @@ impl Predictor {
             ready: AtomicBool::new(false),
             refuse_window_started: AtomicBool::new(false),
             refuse_requested: Notify::new(),
+            listener_closed: Notify::new(),
             requests: AtomicU64::new(0),
             probes: AtomicU64::new(0),
             echo_checksums: Mutex::new(Vec::new()),
@@ -285,6 +288,7 @@ async fn accept_until_signal(
             }
             AcceptEvent::RefuseWindow => {
                 drop(listener);
+                predictor.listener_closed.notify_one();
                 let window_ms = predictor.options.refuse_after_ready_ms.unwrap_or(0);
                 println!("{LOG_PREFIX} closed the listening socket for {window_ms} ms after the first successful readiness probe");
                 tokio::select! {
@@ -503,7 +507,7 @@ async fn route(
     request: Request<Incoming>,
 ) -> Response<ResponseBody> {
     let endpoint = match classify(request.method(), request.uri().path()) {
-        Route::Readiness { model } => return readiness(predictor, model.as_deref()),
+        Route::Readiness { model } => return readiness(predictor, model.as_deref()).await,
         Route::Liveness => return liveness(predictor),
         Route::Stats => return stats(predictor),
         Route::Counted(endpoint) => endpoint,
@@ -533,7 +537,7 @@ async fn route(
     }
 }
 
-fn readiness(predictor: &Predictor, model: Option<&str>) -> Response<ResponseBody> {
+async fn readiness(predictor: &Predictor, model: Option<&str>) -> Response<ResponseBody> {
     predictor.probes.fetch_add(1, Ordering::SeqCst);
     if let Some(model) = model {
         if model != predictor.options.model {
@@ -546,8 +550,13 @@ fn readiness(predictor: &Predictor, model: Option<&str>) -> Response<ResponseBod
 
     let refuse_configured = predictor.options.refuse_after_ready_ms.is_some();
     if refuse_configured && !predictor.refuse_window_started.swap(true, Ordering::SeqCst) {
-        // This connection is already accepted, so the 200 still reaches the prober.
+        // Close the listener before answering: a prober that forwards requests as soon as it
+        // sees this 200 then meets ECONNREFUSED, never a connection accepted by the kernel
+        // and reset when the listener closes. This connection is already accepted, so the
+        // 200 still reaches the prober.
+        let closed = predictor.listener_closed.notified();
         predictor.refuse_requested.notify_one();
+        closed.await;
     }
     json_response(StatusCode::OK, &json!({ "ready": true }))
 }

@@ -148,6 +148,11 @@ impl RequestCtx {
     fn service_name(&self) -> Option<Arc<str>> {
         self.service.as_ref().map(|s| s.name.clone())
     }
+
+    /// The service name for log fields, or "-" before routing.
+    fn service_label(&self) -> &str {
+        self.service.as_ref().map_or("-", |s| &s.name)
+    }
 }
 
 /// The pingora application: routes, holds and forwards.
@@ -169,7 +174,7 @@ impl Activator {
             Rejection::BadHost | Rejection::NoRoute => {
                 debug!(status, path = %session.req_header().uri.path(), "request rejected")
             }
-            other => info!(status, service = ?ctx.service_name(), reason = ?other, "request answered by coldgate"),
+            other => info!(status, service = ctx.service_label(), reason = ?other, "request answered by coldgate"),
         }
         write_json(session, status, retry_after, &body).await?;
         Ok(true)
@@ -178,7 +183,6 @@ impl Activator {
     /// Holds the request in its service's queue until it gets an endpoint, the deadline
     /// passes, the start fails or the client goes away.
     async fn hold(&self, session: &mut Session, ctx: &mut RequestCtx, service: Arc<Service>) -> Result<Option<Rejection>> {
-        let retry_after = retry_after_seconds(&service);
         let waiter = match service.admit() {
             Admission::Ready(lease) => {
                 ctx.lease = Some(lease);
@@ -187,6 +191,7 @@ impl Activator {
             Admission::Rejected(error) => {
                 let reason = if error == AdmitError::QueueFull { "queue_full" } else { "global_limit" };
                 self.metrics.queue_rejections.with_label_values(&[&service.name, reason]).inc();
+                let retry_after = retry_after_seconds(&service);
                 return Ok(Some(Rejection::Admit { service: service.name.clone(), error, retry_after }));
             }
             Admission::Queued(waiter) => waiter,
@@ -210,7 +215,10 @@ impl Activator {
                 ctx.lease = Some(lease);
                 Ok(None)
             }
-            Some(Err(error)) => Ok(Some(Rejection::Admit { service: service.name.clone(), error, retry_after })),
+            Some(Err(error)) => {
+                let retry_after = retry_after_seconds(&service);
+                Ok(Some(Rejection::Admit { service: service.name.clone(), error, retry_after }))
+            }
             None => {
                 debug!(service = %service.name, "client went away while held");
                 Error::e_explain(ErrorType::ConnectionClosed, "client closed the connection while its request was held")
@@ -235,11 +243,9 @@ impl Activator {
 /// Estimates when a rejected client should retry: about one cold start while the service
 /// is starting, one second otherwise.
 fn retry_after_seconds(service: &Service) -> u64 {
-    let status = service.status();
-    match (status.state, status.last_cold_start_seconds) {
-        ("serving", _) => 1,
-        (_, Some(seconds)) => seconds.ceil().clamp(1.0, 300.0) as u64,
-        _ => 1,
+    match service.cold_start_estimate() {
+        Some(duration) => duration.as_secs_f64().ceil().clamp(1.0, 300.0) as u64,
+        None => 1,
     }
 }
 
@@ -469,7 +475,7 @@ impl ProxyHttp for Activator {
             None => match classify_failure(e, ctx.service_name()) {
                 Some(rejection) => rejection,
                 None => {
-                    debug!(service = ?ctx.service_name(), error = %e, "client connection ended");
+                    debug!(service = ctx.service_label(), error = %e, "client connection ended");
                     return FailToProxy { error_code: 0, can_reuse_downstream: false };
                 }
             },
@@ -477,12 +483,12 @@ impl ProxyHttp for Activator {
         let (status, retry_after, body) = error_response(&rejection);
         if session.response_written().is_some() {
             // The response had started, so the client sees it cut short; nothing is retried.
-            warn!(service = ?ctx.service_name(), error = %e, "request failed after the response started");
+            warn!(service = ctx.service_label(), error = %e, "request failed after the response started");
             return FailToProxy { error_code: 0, can_reuse_downstream: false };
         }
         match status {
-            400..=499 => debug!(service = ?ctx.service_name(), status, error = %e, "bad request"),
-            _ => warn!(service = ?ctx.service_name(), status, error = %e, "request failed"),
+            400..=499 => debug!(service = ctx.service_label(), status, error = %e, "bad request"),
+            _ => warn!(service = ctx.service_label(), status, error = %e, "request failed"),
         }
         ctx.rejected = true;
         let written = write_json(session, status, retry_after, &body).await.is_ok();
@@ -502,7 +508,7 @@ impl ProxyHttp for Activator {
             self.metrics.requests.with_label_values(&[service.name.as_ref(), status_label.as_str()]).inc();
         }
         debug!(
-            service = ?ctx.service_name(),
+            service = ctx.service_label(),
             status,
             held = ctx.held,
             rejected = ctx.rejected,

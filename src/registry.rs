@@ -88,10 +88,6 @@ impl Registry {
         self.router.route(host, path).map(|i| self.entries[i].service.clone())
     }
 
-    pub fn get(&self, name: &str) -> Option<&Arc<Service>> {
-        self.entry(name).map(|e| &e.service)
-    }
-
     pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
         self.entries.iter().map(|e| &e.service)
     }

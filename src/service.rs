@@ -74,10 +74,6 @@ impl GlobalBudget {
         GlobalBudget { held: AtomicUsize::new(0), max: AtomicUsize::new(max), gauge }
     }
 
-    pub fn set_max(&self, max: usize) {
-        self.max.store(max, Ordering::Relaxed);
-    }
-
     pub fn held(&self) -> usize {
         self.held.load(Ordering::Relaxed)
     }
@@ -277,10 +273,6 @@ impl Service {
         self.state.lock().settings.clone()
     }
 
-    pub fn backend_kind(&self) -> &'static str {
-        self.backend.kind()
-    }
-
     /// Admits a request: a lease on a ready endpoint at once, a place in the queue, or a
     /// rejection when a queue bound is reached. Queuing a request into an idle service
     /// starts its activation.
@@ -325,17 +317,6 @@ impl Service {
         })
     }
 
-    /// Starts the service without a request, for example a warm-up call. Returns false when
-    /// it is already starting or running.
-    pub fn warm(self: &Arc<Self>) -> bool {
-        let mut st = self.state.lock();
-        if st.phase != Phase::Idle {
-            return false;
-        }
-        self.begin_activation_locked(&mut st);
-        true
-    }
-
     /// Returns a status snapshot for the admin endpoints.
     pub fn status(&self) -> ServiceStatus {
         let st = self.state.lock();
@@ -359,10 +340,14 @@ impl Service {
         }
     }
 
-    /// Returns true when nothing is held or in flight.
-    pub fn is_quiet(&self) -> bool {
+    /// Returns the last cold-start duration while the service is not serving, as an estimate
+    /// of how long a new request would wait.
+    pub fn cold_start_estimate(&self) -> Option<Duration> {
         let st = self.state.lock();
-        st.in_flight == 0 && st.queue.is_empty()
+        if st.phase == Phase::Serving {
+            return None;
+        }
+        st.last_cold_start
     }
 
     /// Stops the backend for good: used at shutdown, after held and in-flight requests had
@@ -704,14 +689,6 @@ pub struct Waiter {
 }
 
 impl Waiter {
-    pub fn service(&self) -> &Arc<Service> {
-        &self.service
-    }
-
-    pub fn enqueued_at(&self) -> Instant {
-        self.enqueued
-    }
-
     /// Waits for an endpoint until `deadline`. Cancel-safe: dropping the future leaves the
     /// queue as if the request had never been queued.
     pub async fn wait(mut self, deadline: Instant) -> Result<Lease, AdmitError> {
@@ -785,10 +762,6 @@ impl Lease {
         self.endpoint.addr
     }
 
-    pub fn service(&self) -> &Arc<Service> {
-        &self.service
-    }
-
     /// Returns false once the endpoint has left the ready set (its instance stopped or
     /// crashed), so a retry should pick another endpoint.
     pub fn is_current(&self) -> bool {
@@ -821,10 +794,6 @@ impl EndpointEvents {
         if let Some(service) = self.service.upgrade() {
             service.endpoint_lost(addr, reason);
         }
-    }
-
-    pub fn service_name(&self) -> Option<Arc<str>> {
-        self.service.upgrade().map(|s| s.name.clone())
     }
 }
 

@@ -388,3 +388,22 @@ fn check_config_names_line_and_key() {
     let output = std::process::Command::new(BIN).arg("check-config").arg(example).output().unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_coldgate_leaves_no_children() {
+    let mut coldgate = start_with("", &["--load-ms", "100"]);
+    let response = send(coldgate.data, request("GET", HOST, "/slow?ms=1", "")).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let stats: serde_json::Value = serde_json::from_slice(&get(coldgate.data, HOST, "/stats").await.1).unwrap();
+    let child = stats["pid"].as_i64().unwrap() as i32;
+    assert!(process_alive(child));
+
+    // SIGKILL gives coldgate no chance to stop the child itself; the kernel must.
+    unsafe { libc::kill(coldgate.pid(), libc::SIGKILL) };
+    coldgate.terminate(Duration::from_secs(5));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while process_alive(child) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!process_alive(child), "predictor {child} outlived a killed coldgate");
+}

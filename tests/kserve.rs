@@ -41,8 +41,8 @@ fn kserve_python() -> Option<PathBuf> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(&value);
     assert!(
         path.is_file(),
-        "{PYTHON_VAR} is set to {:?}, but {} does not exist; run scripts/setup-venv.sh to create \
-         .venv-kserve, or unset {PYTHON_VAR} to skip this test",
+        "{PYTHON_VAR} is set to {:?}, but {} does not exist. Run scripts/setup-venv.sh to create \
+         .venv-kserve, or unset {PYTHON_VAR} to skip this test.",
         value,
         path.display()
     );
@@ -183,7 +183,7 @@ async fn iris_cold_starts_scale_to_zero_and_restart() {
         // shows in a plain `cargo test` run.
         let _ = writeln!(
             std::io::stderr(),
-            "kserve test skipped: {PYTHON_VAR} is not set; run scripts/setup-venv.sh and set it to .venv-kserve/bin/python"
+            "kserve test skipped: {PYTHON_VAR} is not set. Run scripts/setup-venv.sh and set it to .venv-kserve/bin/python to run it."
         );
         return;
     };
@@ -192,13 +192,13 @@ async fn iris_cold_starts_scale_to_zero_and_restart() {
 
     // Round 1: a storm from zero starts exactly one model server.
     let elapsed = predict_storm(&coldgate, 1, false).await;
-    let answered = Instant::now();
+    let round_one_done = Instant::now();
     check_after_storm(&coldgate, 1, elapsed, CLIENTS).await;
     let first_pid = started_pids(&coldgate)[0];
 
     // With nothing in flight, the service scales to zero after idle_timeout.
     coldgate.wait_for_service("iris", IDLE_TIMEOUT + Duration::from_secs(15), |s| s["state"] == "idle").await;
-    let quiet = answered.elapsed();
+    let quiet = round_one_done.elapsed();
     assert!(
         quiet >= IDLE_TIMEOUT - Duration::from_millis(500),
         "scaled to zero {quiet:?} after the last response, before idle_timeout ({IDLE_TIMEOUT:?})"

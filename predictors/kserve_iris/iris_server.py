@@ -22,6 +22,11 @@ import argparse
 import os
 import threading
 import time
+import warnings
+
+# KServe 0.21.0 triggers FastAPI's "ORJSONResponse is deprecated" warning on every
+# request; it says nothing about this server and would flood coldgate's log.
+warnings.filterwarnings("ignore", message=".*ORJSONResponse is deprecated.*")
 
 import kserve
 import kserve.model_server

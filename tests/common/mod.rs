@@ -232,8 +232,17 @@ pub async fn get(addr: SocketAddr, host: &str, path: &str) -> (StatusCode, Bytes
     (response.status(), response.into_body())
 }
 
+/// True while the process exists and is not a zombie (an exited child that nobody has
+/// reaped yet still answers kill(pid, 0)).
 pub fn process_alive(pid: i32) -> bool {
-    unsafe { libc::kill(pid, 0) == 0 }
+    if unsafe { libc::kill(pid, 0) } != 0 {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state letter follows the parenthesised command name.
+        Ok(stat) => stat.rsplit_once(')').map_or(true, |(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
 }
 
 pub fn sha256_hex(data: &[u8]) -> String {
