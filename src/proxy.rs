@@ -111,6 +111,11 @@ pub fn error_response(rejection: &Rejection) -> (u16, Option<u64>, serde_json::V
                 None,
                 body("activation_failed", Some(service), format!("service {service} failed to start: {reason}")),
             ),
+            AdmitError::Unavailable(reason) => (
+                503,
+                Some(*retry_after),
+                body("backend_unavailable", Some(service), format!("service {service} could not be started: {reason}")),
+            ),
         },
         Rejection::Unreachable { service, detail } => (
             502,
@@ -539,6 +544,7 @@ mod tests {
             (admit(AdmitError::GlobalQueueFull), 503, Some(7), "overloaded"),
             (admit(AdmitError::Timeout), 504, None, "queue_timeout"),
             (admit(AdmitError::ActivationFailed("exit status: 3".into())), 502, None, "activation_failed"),
+            (admit(AdmitError::Unavailable("forbidden".into())), 503, Some(7), "backend_unavailable"),
             (Rejection::Unreachable { service: service.clone(), detail: "refused".into() }, 502, None, "upstream_unreachable"),
             (Rejection::UpstreamFailed { service: service.clone(), detail: "reset".into() }, 502, None, "upstream_failed"),
             (Rejection::BadRequest { service: None, detail: "bad chunk".into() }, 400, None, "bad_request"),

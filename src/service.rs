@@ -24,7 +24,7 @@ use prometheus::{Histogram, IntCounter, IntGauge};
 use tokio::sync::{oneshot, Notify};
 use tracing::{debug, info, warn};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, ScaleDown};
 use crate::config::{ServiceConfig, ServiceSettings};
 use crate::metrics::Metrics;
 use crate::probe;
@@ -60,6 +60,9 @@ pub enum AdmitError {
     Timeout,
     /// The instance could not be started or died before it could serve the request.
     ActivationFailed(Arc<str>),
+    /// The backend's control plane refused the start or could not be reached (for example
+    /// a Kubernetes API error), so no instance could be asked for.
+    Unavailable(Arc<str>),
 }
 
 /// Counts held requests across all services against `server.max_total_queued`.
@@ -182,6 +185,12 @@ struct State {
     activation_started: Option<Instant>,
     last_cold_start: Option<Duration>,
     last_error: Option<String>,
+    /// A backend problem seen during the current activation (an API error being retried);
+    /// held requests that time out report it instead of a bare timeout.
+    activation_problem: Option<Arc<str>>,
+    /// The idle watcher does not try to scale down before this instant, because the last
+    /// attempt was refused (not the leader, activity elsewhere) or failed.
+    scale_down_not_before: Option<Instant>,
     /// Rotates the starting point of the least-outstanding scan so that ties spread out.
     pick_offset: usize,
 }
@@ -247,12 +256,15 @@ impl Service {
                 activation_started: None,
                 last_cold_start: None,
                 last_error: None,
+                activation_problem: None,
+                scale_down_not_before: None,
                 pick_offset: 0,
             }),
             idle_changed: Notify::new(),
             metrics: ServiceMetrics::new(metrics, &config.name),
             closed: AtomicBool::new(false),
         });
+        service.backend.watch(EndpointEvents { service: Arc::downgrade(&service) });
         tokio::spawn(Self::watch_idle(service.clone()));
         service
     }
@@ -277,6 +289,7 @@ impl Service {
     /// rejection when a queue bound is reached. Queuing a request into an idle service
     /// starts its activation.
     pub fn admit(self: &Arc<Self>) -> Admission {
+        self.backend.record_activity();
         let mut st = self.state.lock();
 
         if st.queue.is_empty() && st.phase == Phase::Serving {
@@ -355,20 +368,20 @@ impl Service {
     pub async fn shut_down(self: &Arc<Self>) {
         self.closed.store(true, Ordering::Release);
         self.idle_changed.notify_one();
-        let was_running = {
+        {
             let mut st = self.state.lock();
-            let was_running = st.phase != Phase::Idle || !st.probing.is_empty();
             self.clear_endpoints_locked(&mut st);
             st.phase = Phase::ScalingDown;
-            self.fail_waiters_locked(&mut st, AdmitError::ActivationFailed("coldgate is shutting down".into()));
-            was_running
-        };
-        if was_running {
-            if let Err(error) = self.backend.scale_down().await {
-                warn!(service = %self.name, %error, "stopping the backend at shutdown failed");
-            }
+            self.fail_waiters_locked(&mut st, AdmitError::Unavailable("coldgate is shutting down".into()));
         }
+        self.backend.shutdown().await;
         self.state.lock().phase = Phase::Idle;
+    }
+
+    /// Returns true when the service has in-flight or held requests.
+    fn is_busy(&self) -> bool {
+        let st = self.state.lock();
+        st.in_flight > 0 || !st.queue.is_empty()
     }
 
     // ---- load balancing -------------------------------------------------------------
@@ -463,13 +476,14 @@ impl Service {
 
     fn begin_activation_locked(self: &Arc<Self>, st: &mut State) {
         if self.closed.load(Ordering::Acquire) {
-            self.fail_waiters_locked(st, AdmitError::ActivationFailed("coldgate is shutting down".into()));
+            self.fail_waiters_locked(st, AdmitError::Unavailable("coldgate is shutting down".into()));
             return;
         }
         st.phase = Phase::Activating;
         st.activation_id += 1;
         st.activation_started = Some(Instant::now());
         st.last_error = None;
+        st.activation_problem = None;
         let activation_id = st.activation_id;
         let startup_timeout = st.settings.startup_timeout;
         info!(service = %self.name, "activating: starting an instance");
@@ -478,11 +492,22 @@ impl Service {
         let service = self.clone();
         tokio::spawn(async move {
             let events = EndpointEvents { service: Arc::downgrade(&service) };
-            if let Err(error) = service.backend.scale_up(events).await {
-                service.activation_failed(activation_id, error.to_string(), false).await;
-                return;
+            let watchdog = tokio::time::sleep(startup_timeout);
+            tokio::pin!(watchdog);
+            tokio::select! {
+                result = service.backend.scale_up(events) => {
+                    if let Err(error) = result {
+                        let failure = match error.client_status() {
+                            503 => AdmitError::Unavailable(error.to_string().into()),
+                            _ => AdmitError::ActivationFailed(error.to_string().into()),
+                        };
+                        service.activation_failed(activation_id, failure, false).await;
+                        return;
+                    }
+                    (&mut watchdog).await;
+                }
+                () = &mut watchdog => {}
             }
-            tokio::time::sleep(startup_timeout).await;
             let still_starting = {
                 let st = service.state.lock();
                 st.activation_id == activation_id && st.phase == Phase::Activating
@@ -492,24 +517,28 @@ impl Service {
                     "no instance passed its readiness probe within startup_timeout ({})",
                     crate::config::format_duration(startup_timeout)
                 );
-                service.activation_failed(activation_id, reason, true).await;
+                service.activation_failed(activation_id, AdmitError::ActivationFailed(reason.into()), true).await;
             }
         });
     }
 
     /// Fails the held requests of a start that went wrong and returns the service to Idle.
     /// With `stop_backend`, whatever the backend started is stopped too.
-    async fn activation_failed(self: &Arc<Self>, activation_id: u64, reason: String, stop_backend: bool) {
+    async fn activation_failed(self: &Arc<Self>, activation_id: u64, failure: AdmitError, stop_backend: bool) {
         {
             let mut st = self.state.lock();
             if st.activation_id != activation_id || st.phase != Phase::Activating {
                 return;
             }
+            let reason = match &failure {
+                AdmitError::ActivationFailed(reason) | AdmitError::Unavailable(reason) => reason.to_string(),
+                other => format!("{other:?}"),
+            };
             warn!(service = %self.name, reason = %reason, "activation failed; failing held requests");
             self.metrics.activation_failure.inc();
-            st.last_error = Some(reason.clone());
+            st.last_error = Some(reason);
             self.clear_endpoints_locked(&mut st);
-            self.fail_waiters_locked(&mut st, AdmitError::ActivationFailed(reason.into()));
+            self.fail_waiters_locked(&mut st, failure);
             st.phase = if stop_backend { Phase::ScalingDown } else { Phase::Idle };
         }
         if stop_backend {
@@ -520,6 +549,32 @@ impl Service {
         }
     }
 
+    /// Records a backend problem during the current activation without failing it yet; the
+    /// backend keeps retrying and held requests wait until their deadline.
+    fn activation_problem(&self, reason: String) {
+        let mut st = self.state.lock();
+        if st.phase == Phase::Activating {
+            st.last_error = Some(reason.clone());
+            st.activation_problem = Some(reason.into());
+        }
+    }
+
+    /// Fails the current activation at once, for example when every pod is in
+    /// CrashLoopBackOff.
+    fn start_failed(self: &Arc<Self>, reason: String) {
+        let activation_id = {
+            let st = self.state.lock();
+            if st.phase != Phase::Activating || !st.ready.is_empty() {
+                return;
+            }
+            st.activation_id
+        };
+        let service = self.clone();
+        tokio::spawn(async move {
+            service.activation_failed(activation_id, AdmitError::ActivationFailed(reason.into()), false).await;
+        });
+    }
+
     /// Called by the backend with an address that may serve the service once its readiness
     /// probe passes.
     fn endpoint_discovered(self: &Arc<Self>, addr: SocketAddr) {
@@ -527,8 +582,8 @@ impl Service {
         if st.probing.contains_key(&addr) || st.ready.iter().any(|e| e.addr == addr) {
             return;
         }
-        if matches!(st.phase, Phase::ScalingDown | Phase::Idle) {
-            debug!(service = %self.name, %addr, "ignoring an endpoint reported while not activating");
+        if st.phase == Phase::ScalingDown {
+            debug!(service = %self.name, %addr, "ignoring an endpoint reported during a scale-down");
             return;
         }
         let stop = Arc::new(Notify::new());
@@ -573,6 +628,11 @@ impl Service {
         } else {
             info!(service = %self.name, endpoint = %addr, "instance ready");
         }
+        if st.phase != Phase::Serving {
+            // Instances that appear without an activation (started by another coldgate
+            // replica or an autoscaler) start the idle clock from now.
+            st.idle_since = Instant::now();
+        }
         st.phase = Phase::Serving;
         self.mark_idle_if_quiet(&mut st);
         self.dispatch_locked(&mut st);
@@ -604,6 +664,7 @@ impl Service {
         if matches!(st.phase, Phase::Activating | Phase::Serving) {
             st.phase = Phase::Idle;
             self.fail_waiters_locked(&mut st, AdmitError::ActivationFailed(reason.into()));
+            self.idle_changed.notify_one();
         }
     }
 
@@ -617,7 +678,10 @@ impl Service {
             let wait_until = {
                 let st = service.state.lock();
                 let quiet = st.in_flight == 0 && st.queue.is_empty();
-                (st.phase == Phase::Serving && quiet).then(|| st.idle_since + st.settings.idle_timeout)
+                (st.phase == Phase::Serving && quiet).then(|| {
+                    let expiry = st.idle_since + st.settings.idle_timeout;
+                    st.scale_down_not_before.map_or(expiry, |not_before| expiry.max(not_before))
+                })
             };
             match wait_until {
                 Some(deadline) if Instant::now() >= deadline => service.clone().scale_down_if_idle().await,
@@ -632,8 +696,26 @@ impl Service {
         }
     }
 
+    /// How long to wait before asking again after a scale-down was refused or failed.
+    fn scale_down_retry_delay(idle_timeout: Duration) -> Duration {
+        (idle_timeout / 10).clamp(Duration::from_secs(1), Duration::from_secs(30))
+    }
+
+    fn postpone_scale_down(&self, reason: &str) {
+        let mut st = self.state.lock();
+        let delay = Self::scale_down_retry_delay(st.settings.idle_timeout);
+        st.scale_down_not_before = Some(Instant::now() + delay);
+        debug!(service = %self.name, reason, retry_ms = delay.as_millis() as u64, "scale-down postponed");
+    }
+
     async fn scale_down_if_idle(self: Arc<Self>) {
-        {
+        let idle_timeout = self.state.lock().settings.idle_timeout;
+        if let Err(reason) = self.backend.scale_down_check(idle_timeout).await {
+            self.postpone_scale_down(&reason);
+            return;
+        }
+
+        let saved = {
             let mut st = self.state.lock();
             let quiet = st.in_flight == 0 && st.queue.is_empty();
             let expired = st.idle_since.elapsed() >= st.settings.idle_timeout;
@@ -646,14 +728,45 @@ impl Service {
                 "idle timeout reached; scaling to zero"
             );
             st.phase = Phase::ScalingDown;
+            st.scale_down_not_before = None;
+            let saved: Vec<SocketAddr> = st.ready.iter().map(|e| e.addr).collect();
             self.clear_endpoints_locked(&mut st);
-            self.metrics.scale_down.inc();
+            saved
+        };
+
+        match self.backend.scale_down().await {
+            Ok(ScaleDown::Done) => {
+                self.metrics.scale_down.inc();
+                self.finish_scale_down();
+            }
+            Ok(ScaleDown::Skipped(reason)) => {
+                info!(service = %self.name, reason = %reason, "scale-down skipped; still serving");
+                self.restore_after_scale_down(saved, &reason);
+            }
+            Err(error) => {
+                warn!(service = %self.name, %error, "scale-down failed; still serving");
+                self.state.lock().last_error = Some(error.to_string());
+                self.restore_after_scale_down(saved, &error.to_string());
+            }
         }
-        if let Err(error) = self.backend.scale_down().await {
-            warn!(service = %self.name, %error, "scale-down failed");
-            self.state.lock().last_error = Some(error.to_string());
+    }
+
+    /// Puts the endpoints back after a scale-down that did not happen.
+    fn restore_after_scale_down(self: &Arc<Self>, addrs: Vec<SocketAddr>, reason: &str) {
+        {
+            let mut st = self.state.lock();
+            if st.phase != Phase::ScalingDown {
+                return;
+            }
+            st.ready = addrs.into_iter().map(|addr| Arc::new(Endpoint::new(addr))).collect();
+            self.metrics.ready_endpoints.set(st.ready.len() as i64);
+            st.phase = if st.ready.is_empty() { Phase::Idle } else { Phase::Serving };
+            self.dispatch_locked(&mut st);
+            if st.phase == Phase::Idle && !st.queue.is_empty() {
+                self.begin_activation_locked(&mut st);
+            }
         }
-        self.finish_scale_down();
+        self.postpone_scale_down(reason);
     }
 
     fn finish_scale_down(self: &Arc<Self>) {
@@ -699,7 +812,10 @@ impl Waiter {
             Err(_) => match self.leave_queue() {
                 // The grant raced the deadline: the endpoint is ours, so use it.
                 Some(endpoint) => Ok(endpoint),
-                None => Err(AdmitError::Timeout),
+                None => match self.service.state.lock().activation_problem.clone() {
+                    Some(problem) => Err(AdmitError::Unavailable(problem)),
+                    None => Err(AdmitError::Timeout),
+                },
             },
         };
         self.finished = true;
@@ -795,6 +911,28 @@ impl EndpointEvents {
             service.endpoint_lost(addr, reason);
         }
     }
+
+    /// Reports a problem that the backend keeps retrying (an API error, say). Held requests
+    /// that reach their deadline get it as the reason for their 503.
+    pub fn problem(&self, reason: String) {
+        if let Some(service) = self.service.upgrade() {
+            service.activation_problem(reason);
+        }
+    }
+
+    /// Reports that the instances cannot start (every pod crash-looping, for example):
+    /// held requests fail at once with the reason.
+    pub fn start_failed(&self, reason: String) {
+        if let Some(service) = self.service.upgrade() {
+            service.start_failed(reason);
+        }
+    }
+
+    /// Returns true while the service has requests in flight or held; false once the
+    /// service is gone.
+    pub fn is_busy(&self) -> bool {
+        self.service.upgrade().is_some_and(|s| s.is_busy())
+    }
 }
 
 impl std::fmt::Debug for EndpointEvents {
@@ -829,8 +967,8 @@ mod tests {
             }
             Ok(())
         }
-        async fn scale_down(&self) -> Result<(), BackendError> {
-            Ok(())
+        async fn scale_down(&self) -> Result<ScaleDown, BackendError> {
+            Ok(ScaleDown::Done)
         }
         fn kind(&self) -> &'static str {
             "test"
@@ -949,6 +1087,8 @@ mod tests {
             activation_started: None,
             last_cold_start: None,
             last_error: None,
+            activation_problem: None,
+            scale_down_not_before: None,
             pick_offset: 0,
         };
         for _ in 0..5 {

@@ -20,7 +20,7 @@ use tokio::process::Command;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::{Backend, BackendError, EndpointEvents};
+use super::{Backend, BackendError, EndpointEvents, ScaleDown};
 use crate::config::{format_duration, ProcessConfig};
 
 /// How long to wait for a process to disappear after SIGKILL before giving up on it.
@@ -210,28 +210,34 @@ impl Backend for ProcessBackend {
         Ok(())
     }
 
-    async fn scale_down(&self) -> Result<(), BackendError> {
+    async fn scale_down(&self) -> Result<ScaleDown, BackendError> {
         let (pid, mut exit, stopping) = {
             let running = self.running.lock();
-            let Some(process) = running.as_ref() else { return Ok(()) };
+            let Some(process) = running.as_ref() else { return Ok(ScaleDown::Done) };
             (process.pid, process.exit.clone(), process.stopping.clone())
         };
         if exit.borrow().is_some() {
-            return Ok(());
+            return Ok(ScaleDown::Done);
         }
         let grace = self.stop_grace();
         stopping.store(true, Ordering::Release);
         info!(service = %self.service, pid, grace = %format_duration(grace), "stopping process: SIGTERM");
         signal_group(pid, libc::SIGTERM).map_err(|source| BackendError::Stop { pid, source })?;
         if wait_for_exit(&mut exit, grace).await {
-            return Ok(());
+            return Ok(ScaleDown::Done);
         }
         warn!(service = %self.service, pid, "process did not exit within stop_grace; sending SIGKILL");
         signal_group(pid, libc::SIGKILL).map_err(|source| BackendError::Stop { pid, source })?;
         if !wait_for_exit(&mut exit, KILL_WAIT).await {
             warn!(service = %self.service, pid, "process still present after SIGKILL");
         }
-        Ok(())
+        Ok(ScaleDown::Done)
+    }
+
+    async fn shutdown(&self) {
+        if let Err(error) = self.scale_down().await {
+            warn!(service = %self.service, %error, "stopping the process at shutdown failed");
+        }
     }
 
     fn kind(&self) -> &'static str {
