@@ -3,11 +3,14 @@
 #   - cmake: pingora-core builds zlib-ng through it.
 #   - a Python venv with KServe and scikit-learn for the end-to-end test with a real
 #     model server (scripts/setup-venv.sh; skipped when it is already up to date).
+#   - kubectl's kustomize and a small venv with kubernetes-validate, to build and validate
+#     the manifests in deploy/ (scripts/check-deploy.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/install-build-deps.sh
 scripts/setup-venv.sh .venv-kserve
 export COLDGATE_KSERVE_PYTHON="$PWD/.venv-kserve/bin/python"
+scripts/check-deploy.sh
 
 cargo test --locked --all-targets "$@"

@@ -28,6 +28,8 @@ pub struct Metrics {
     pub process_exits: IntCounterVec,
     pub held_requests_total: IntGauge,
     pub config_reload_failures: IntCounter,
+    pub kubernetes_api_errors: IntCounterVec,
+    pub leader: IntGauge,
     pub startup_duration: Histogram,
 }
 
@@ -143,6 +145,19 @@ impl Metrics {
                 "Configuration reloads rejected because the new file was invalid",
             )
             .unwrap(),
+            kubernetes_api_errors: IntCounterVec::new(
+                Opts::new(
+                    "coldgate_kubernetes_api_errors_total",
+                    "Failed Kubernetes API calls of the kubernetes backend, by operation",
+                ),
+                &["service", "operation"],
+            )
+            .unwrap(),
+            leader: IntGauge::new(
+                "coldgate_leader",
+                "1 while this replica holds the leader Lease that allows scaling to zero, else 0",
+            )
+            .unwrap(),
             startup_duration: Histogram::with_opts(
                 HistogramOpts::new("coldgate_startup_seconds", "Time coldgate took to start serving")
                     .buckets(vec![0.01, 0.05, 0.1, 0.5, 1.0, 5.0]),
@@ -172,6 +187,8 @@ impl Metrics {
             Box::new(self.process_exits.clone()),
             Box::new(self.held_requests_total.clone()),
             Box::new(self.config_reload_failures.clone()),
+            Box::new(self.kubernetes_api_errors.clone()),
+            Box::new(self.leader.clone()),
             Box::new(self.startup_duration.clone()),
         ];
         for collector in collectors {

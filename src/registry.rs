@@ -7,6 +7,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::backend::kubernetes::cluster::Cluster;
+use crate::backend::kubernetes::KubernetesBackend;
 use crate::backend::process::ProcessBackend;
 use crate::backend::Backend;
 use crate::config::{self, Config};
@@ -33,6 +35,7 @@ impl Registry {
     pub fn build(
         config: &Config,
         previous: Option<&Registry>,
+        cluster: Option<&Arc<Cluster>>,
         budget: &Arc<GlobalBudget>,
         metrics: &Metrics,
     ) -> (Registry, Vec<Arc<Service>>) {
@@ -56,6 +59,17 @@ impl Registry {
                     let service =
                         Service::start(service_config, backend.clone() as Arc<dyn Backend>, budget.clone(), metrics);
                     Entry { service, process: Some(backend) }
+                }
+                (_, config::Backend::Kubernetes(kubernetes)) => {
+                    let cluster = cluster.expect("the Kubernetes client is connected before services that need it");
+                    let backend = Arc::new(KubernetesBackend::new(
+                        cluster.clone(),
+                        &service_config.name,
+                        kubernetes,
+                        metrics.kubernetes_api_errors.clone(),
+                    ));
+                    let service = Service::start(service_config, backend as Arc<dyn Backend>, budget.clone(), metrics);
+                    Entry { service, process: None }
                 }
             };
             entries.push(entry);

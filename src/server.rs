@@ -19,6 +19,7 @@ use tokio::sync::{watch, Notify};
 use tracing::{info, warn};
 
 use crate::admin::{self, AdminState};
+use crate::backend::kubernetes::cluster::Cluster;
 use crate::config::{format_duration, Config};
 use crate::metrics::Metrics;
 use crate::proxy::Activator;
@@ -95,7 +96,17 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     let started = Instant::now();
     let metrics = Arc::new(Metrics::new());
     let budget = Arc::new(GlobalBudget::new(config.server.max_total_queued, metrics.held_requests_total.clone()));
-    let (registry, _) = Registry::build(&config, None, &budget, &metrics);
+    let uses_kubernetes = config.services.iter().any(|s| matches!(s.backend, crate::config::Backend::Kubernetes(_)));
+    let cluster = if uses_kubernetes {
+        let cluster = Cluster::connect(&config.kubernetes, metrics.leader.clone())
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        cluster.start_leader_election();
+        Some(cluster)
+    } else {
+        None
+    };
+    let (registry, _) = Registry::build(&config, None, cluster.as_ref(), &budget, &metrics);
     let registry = Arc::new(ArcSwap::from_pointee(registry));
 
     let mut server_conf = ServerConf::default();
@@ -194,6 +205,9 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     // Stop every instance coldgate started.
     let services: Vec<_> = registry.load().services().cloned().collect();
     futures::future::join_all(services.iter().map(|s| s.shut_down())).await;
+    if let Some(cluster) = &cluster {
+        cluster.release().await;
+    }
     admin_task.abort();
     info!("stopped");
     Ok(())

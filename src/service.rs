@@ -928,6 +928,11 @@ impl EndpointEvents {
         }
     }
 
+    /// Returns true once the service was removed or coldgate is shutting down.
+    pub fn is_closed(&self) -> bool {
+        self.service.upgrade().is_none_or(|s| s.closed.load(Ordering::Acquire))
+    }
+
     /// Returns true while the service has requests in flight or held; false once the
     /// service is gone.
     pub fn is_busy(&self) -> bool {

@@ -5,6 +5,7 @@
 //! happens to held requests when an instance goes away.
 
 
+pub mod kubernetes;
 pub mod process;
 
 use std::time::Duration;

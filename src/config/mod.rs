@@ -7,8 +7,8 @@
 //! 2. Unknown keys, in every table. This stage reports all of them.
 //! 3. Value types, such as a number where a string belongs. The deserializer stops at the
 //!    first mismatch, so this stage reports one diagnostic.
-//! 4. Values: ranges, formats, required keys, duplicate names and routes. This stage
-//!    reports all of them.
+//! 4. Values: ranges, formats, required keys, duplicate names and routes, and limits that
+//!    tie one table to another. This stage reports all of them.
 //!
 //! Every diagnostic carries the line and column of the offending key or value, the key
 //! path, and a message that names the problem and its fix.
@@ -22,6 +22,7 @@ mod validate;
 mod tests;
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -46,6 +47,9 @@ pub struct Config {
     pub defaults: ServiceSettings,
     /// The `[[service]]` entries in file order. May be empty.
     pub services: Vec<ServiceConfig>,
+    /// The `[kubernetes]` table, with built-in values for keys it leaves out. It is
+    /// accepted even when no service has a `[service.kubernetes]` table.
+    pub kubernetes: KubernetesConfig,
 }
 
 /// The `[server]` table.
@@ -169,6 +173,8 @@ pub struct ServiceConfig {
 pub enum Backend {
     /// `[service.process]`: a local child process.
     Process(ProcessConfig),
+    /// `[service.kubernetes]`: a Deployment scaled between 0 and its `replicas`.
+    Kubernetes(KubernetesServiceConfig),
 }
 
 /// The `[service.process]` table.
@@ -188,6 +194,86 @@ pub struct ProcessConfig {
 
 /// Default of `ProcessConfig::stop_grace`.
 pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// The `[kubernetes]` table: access to the cluster, and the Leases that coldgate replicas
+/// share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubernetesConfig {
+    /// Kubeconfig file to read. `None` leaves the choice to the caller: the in-cluster
+    /// config, or the KUBECONFIG and ~/.kube/config lookup outside a cluster.
+    pub kubeconfig: Option<PathBuf>,
+    /// Namespace of the services that do not set their own, a DNS-1123 label. `None` leaves
+    /// it to the caller, such as the client configuration's default namespace.
+    pub namespace: Option<String>,
+    /// Namespace of coldgate's Leases, a DNS-1123 label: the value written, else
+    /// `namespace`. `None` when neither is written.
+    pub lease_namespace: Option<String>,
+    /// Name of the Lease used to elect a leader among coldgate replicas, a DNS-1123
+    /// subdomain.
+    pub leader_lease: String,
+    /// Time a Lease stays held without renewal, from 2s to 5m.
+    pub lease_duration: Duration,
+    /// Time between writes of a replica's request activity to the cluster, from 100ms to
+    /// 5m. Other replicas see activity up to this late, so the idle_timeout of every
+    /// service with a `[service.kubernetes]` table is longer.
+    pub activity_interval: Duration,
+    /// Name of this replica in Leases: not empty, without whitespace or control characters.
+    /// `None` leaves it to the caller, which uses the POD_NAME environment variable, then
+    /// the host name.
+    pub identity: Option<String>,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        KubernetesConfig {
+            kubeconfig: None,
+            namespace: None,
+            lease_namespace: None,
+            leader_lease: "coldgate-leader".to_owned(),
+            lease_duration: Duration::from_secs(15),
+            activity_interval: Duration::from_secs(10),
+            identity: None,
+        }
+    }
+}
+
+/// The `[service.kubernetes]` table: the Deployment that runs a service's pods, and the
+/// Kubernetes Service whose EndpointSlices list the ready ones.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubernetesServiceConfig {
+    /// Namespace of the Deployment and the Service, a DNS-1123 label: the value written,
+    /// else `[kubernetes] namespace`. `None` when neither is written.
+    pub namespace: Option<String>,
+    /// Name of the Deployment to scale, a DNS-1123 subdomain.
+    pub deployment: String,
+    /// Name of the Kubernetes Service, a DNS-1035 label as Kubernetes requires for Service
+    /// names. Its EndpointSlices carry the label `kubernetes.io/service-name=<service>`.
+    pub service: String,
+    /// Port on the pods that requests go to.
+    pub port: PortRef,
+    /// Number of replicas requested when the service scales up from zero. From 1 to
+    /// 2147483647, the int32 maximum of a Deployment's replicas.
+    pub replicas: u32,
+}
+
+/// A port of a Kubernetes service, written as a number or as a port name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PortRef {
+    /// A port number from 1 to 65535.
+    Number(u16),
+    /// The name of a port in the Service's EndpointSlices, an IANA_SVC_NAME: 1 to 15
+    /// characters of a-z, 0-9 and '-', with at least one letter.
+    Name(String),
+}
+
+impl fmt::Display for PortRef {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PortRef::Number(number) => write!(formatter, "{number}"),
+            PortRef::Name(name) => formatter.write_str(name),
+        }
+    }
+}
 
 /// Parses and checks a configuration document. `source` names the document in diagnostics,
 /// usually the file name.

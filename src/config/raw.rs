@@ -20,6 +20,7 @@ pub(super) struct RawConfig {
     pub log: Option<RawLog>,
     pub defaults: Option<RawSettings>,
     pub service: Option<Vec<Spanned<RawService>>>,
+    pub kubernetes: Option<RawKubernetes>,
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -38,6 +39,18 @@ pub(super) struct RawServer {
 pub(super) struct RawLog {
     pub format: Option<Spanned<String>>,
     pub filter: Option<String>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+pub(super) struct RawKubernetes {
+    pub kubeconfig: Option<Spanned<String>>,
+    pub namespace: Option<Spanned<String>>,
+    pub lease_namespace: Option<Spanned<String>>,
+    pub leader_lease: Option<Spanned<String>>,
+    pub lease_duration: Option<Spanned<DurationValue>>,
+    pub activity_interval: Option<Spanned<DurationValue>>,
+    pub identity: Option<Spanned<String>>,
 }
 
 /// The `[defaults]` table, and the same keys as overrides in a `[[service]]` entry.
@@ -72,6 +85,7 @@ pub(super) struct RawService {
     pub probe_timeout: Option<Spanned<DurationValue>>,
     pub connect_timeout: Option<Spanned<DurationValue>>,
     pub process: Option<Spanned<RawProcess>>,
+    pub kubernetes: Option<Spanned<RawServiceKubernetes>>,
 }
 
 impl RawService {
@@ -98,6 +112,63 @@ pub(super) struct RawProcess {
     pub env: Option<BTreeMap<Spanned<String>, Spanned<String>>>,
     pub working_dir: Option<Spanned<String>>,
     pub stop_grace: Option<Spanned<DurationValue>>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+pub(super) struct RawServiceKubernetes {
+    pub namespace: Option<Spanned<String>>,
+    pub deployment: Option<Spanned<String>>,
+    pub service: Option<Spanned<String>>,
+    pub port: Option<Spanned<PortValue>>,
+    pub replicas: Option<Spanned<Count>>,
+}
+
+/// A port as written, before the range and name checks. A number is an i128 so that any
+/// TOML integer fits, and an out-of-range one is reported with its value.
+#[derive(Debug, Clone)]
+pub(super) enum PortValue {
+    Number(i128),
+    Name(String),
+}
+
+impl<'de> Deserialize<'de> for PortValue {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(PortVisitor)
+    }
+}
+
+struct PortVisitor;
+
+impl Visitor<'_> for PortVisitor {
+    type Value = PortValue;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("a port number such as 8080 or a port name such as \"http\"")
+    }
+
+    fn visit_i64<E: de::Error>(self, value: i64) -> Result<PortValue, E> {
+        Ok(PortValue::Number(value.into()))
+    }
+
+    fn visit_u64<E: de::Error>(self, value: u64) -> Result<PortValue, E> {
+        Ok(PortValue::Number(value.into()))
+    }
+
+    fn visit_i128<E: de::Error>(self, value: i128) -> Result<PortValue, E> {
+        Ok(PortValue::Number(value))
+    }
+
+    fn visit_u128<E: de::Error>(self, value: u128) -> Result<PortValue, E> {
+        // Any value above i128::MAX is out of range just the same.
+        Ok(PortValue::Number(
+            i128::try_from(value).unwrap_or(i128::MAX),
+        ))
+    }
+
+    fn visit_str<E: de::Error>(self, value: &str) -> Result<PortValue, E> {
+        Ok(PortValue::Name(value.to_owned()))
+    }
 }
 
 /// A duration string, parsed by [`super::duration::deserialize`].
@@ -202,44 +273,63 @@ impl<'de> Deserializer<'de> for FieldCapture<'_> {
 }
 
 /// A table of the schema: its name as written in a config file, the dotted path of its
-/// keys in diagnostics, and the keys it accepts.
+/// keys in diagnostics, the keys it accepts, and whether it sits inside `[[service]]`.
 struct TableSchema {
     label: &'static str,
     key_prefix: &'static str,
     fields: &'static [&'static str],
+    in_service: bool,
 }
 
-fn schema_tables() -> [TableSchema; 6] {
+fn schema_tables() -> [TableSchema; 8] {
     [
         TableSchema {
             label: "the top level",
             key_prefix: "",
             fields: struct_fields::<RawConfig>(),
+            in_service: false,
         },
         TableSchema {
             label: "[server]",
             key_prefix: "server.",
             fields: struct_fields::<RawServer>(),
+            in_service: false,
         },
         TableSchema {
             label: "[log]",
             key_prefix: "log.",
             fields: struct_fields::<RawLog>(),
+            in_service: false,
         },
         TableSchema {
             label: "[defaults]",
             key_prefix: "defaults.",
             fields: struct_fields::<RawSettings>(),
+            in_service: false,
+        },
+        TableSchema {
+            label: "[kubernetes]",
+            key_prefix: "kubernetes.",
+            fields: struct_fields::<RawKubernetes>(),
+            in_service: false,
         },
         TableSchema {
             label: "[[service]]",
             key_prefix: "",
             fields: struct_fields::<RawService>(),
+            in_service: true,
         },
         TableSchema {
             label: "[service.process]",
             key_prefix: "process.",
             fields: struct_fields::<RawProcess>(),
+            in_service: true,
+        },
+        TableSchema {
+            label: "[service.kubernetes]",
+            key_prefix: "kubernetes.",
+            fields: struct_fields::<RawServiceKubernetes>(),
+            in_service: true,
         },
     ]
 }
@@ -251,10 +341,15 @@ fn schema_tables() -> [TableSchema; 6] {
 /// deserialization.
 pub(super) fn check_unknown_keys(root: &DeTable<'_>, diagnostics: &mut Diagnostics<'_>) {
     let tables = schema_tables();
-    let [top, server, log, defaults, service, process] = &tables;
+    let [top, server, log, defaults, kubernetes, service, process, service_kubernetes] = &tables;
 
     check_table(root, top, None, &tables, diagnostics);
-    for (name, schema) in [("server", server), ("log", log), ("defaults", defaults)] {
+    for (name, schema) in [
+        ("server", server),
+        ("log", log),
+        ("defaults", defaults),
+        ("kubernetes", kubernetes),
+    ] {
         if let Some(DeValue::Table(table)) = root.get(name).map(Spanned::get_ref) {
             check_table(table, schema, None, &tables, diagnostics);
         }
@@ -272,8 +367,10 @@ pub(super) fn check_unknown_keys(root: &DeTable<'_>, diagnostics: &mut Diagnosti
             name: service_name_at(root, index),
         };
         check_table(entry, service, Some(&context), &tables, diagnostics);
-        if let Some(DeValue::Table(table)) = entry.get("process").map(Spanned::get_ref) {
-            check_table(table, process, Some(&context), &tables, diagnostics);
+        for (name, schema) in [("process", process), ("kubernetes", service_kubernetes)] {
+            if let Some(DeValue::Table(table)) = entry.get(name).map(Spanned::get_ref) {
+                check_table(table, schema, Some(&context), &tables, diagnostics);
+            }
         }
     }
 }
@@ -300,7 +397,10 @@ fn check_table(
             message.push_str(&format!("; did you mean {suggestion:?}?"));
         } else if let Some(home) = all_tables
             .iter()
-            .find(|other| other.label != schema.label && other.fields.contains(&name))
+            .filter(|other| other.label != schema.label && other.fields.contains(&name))
+            // A key such as "namespace" belongs in both [kubernetes] and
+            // [service.kubernetes], so name the one on the same side of [[service]].
+            .min_by_key(|other| other.in_service != schema.in_service)
         {
             message.push_str(&format!("; {name:?} belongs in {}", home.label));
         } else {
@@ -361,7 +461,7 @@ mod tests {
         );
         assert_eq!(
             struct_fields::<RawConfig>(),
-            ["server", "log", "defaults", "service"]
+            ["server", "log", "defaults", "service", "kubernetes"]
         );
     }
 

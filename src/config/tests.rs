@@ -162,6 +162,64 @@ fn example_file_parses() {
     );
     assert_eq!(config.server, ServerConfig::default());
     assert_eq!(config.defaults, ServiceSettings::default());
+    assert!(matches!(config.services[0].backend, Backend::Process(_)));
+    assert_eq!(config.kubernetes, KubernetesConfig::default());
+}
+
+/// Removes the "# " in front of commented-out TOML lines: table headers and `key = value`
+/// lines. Prose comments stay.
+fn uncomment_settings(text: &str) -> String {
+    let mut output = String::with_capacity(text.len());
+    for line in text.lines() {
+        let setting = line.strip_prefix("# ").filter(|rest| {
+            let is_header = rest.starts_with('[');
+            let is_key_value = rest.split_once(" = ").is_some_and(|(key, _)| {
+                !key.is_empty() && key.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+            });
+            is_header || is_key_value
+        });
+        output.push_str(setting.unwrap_or(line));
+        output.push('\n');
+    }
+    output
+}
+
+#[test]
+fn example_file_uncommented_parses() {
+    let text = uncomment_settings(EXAMPLE_FILE);
+    assert!(text.contains("\n[kubernetes]\n"), "{text}");
+    assert!(text.contains("\n[service.kubernetes]\n"), "{text}");
+
+    let config = parse(&text, "coldgate.example.toml").unwrap();
+    assert_eq!(config.services.len(), 2);
+    assert!(matches!(config.services[0].backend, Backend::Process(_)));
+    assert_eq!(config.services[1].name, "iris-k8s");
+    assert_eq!(
+        config.services[1].backend,
+        Backend::Kubernetes(KubernetesServiceConfig {
+            namespace: Some("models".to_owned()),
+            deployment: "iris-predictor".to_owned(),
+            service: "iris-predictor".to_owned(),
+            port: PortRef::Number(8080),
+            replicas: 1,
+        })
+    );
+    // The example shows the default of every [kubernetes] key that has one.
+    let kubernetes = &config.kubernetes;
+    assert_eq!(
+        kubernetes.leader_lease,
+        KubernetesConfig::default().leader_lease
+    );
+    assert_eq!(
+        kubernetes.lease_duration,
+        KubernetesConfig::default().lease_duration
+    );
+    assert_eq!(
+        kubernetes.activity_interval,
+        KubernetesConfig::default().activity_interval
+    );
+    assert_eq!(kubernetes.lease_namespace.as_deref(), Some("coldgate"));
+    assert_eq!(kubernetes.identity.as_deref(), Some("coldgate-0"));
 }
 
 #[test]
@@ -217,7 +275,9 @@ command = "python3"
     assert_eq!(service.hosts, ["iris.models.local", "10.0.0.7", "[::1]"]);
     assert_eq!(service.path_prefix, "/");
     assert_eq!(service.readiness_path, "/");
-    let Backend::Process(process) = &service.backend;
+    let Backend::Process(process) = &service.backend else {
+        panic!("expected a process backend, got {:?}", service.backend);
+    };
     assert!(process.args.is_empty());
     assert!(process.env.is_empty());
     assert_eq!(process.working_dir, None);
@@ -329,10 +389,10 @@ fn unknown_table_in_service() {
     let text = r#"[[service]]
 name = "iris"
 hosts = ["iris.models.local"]
-[service.kubernetes]
+[service.container]
 image = "iris:1"
 "#;
-    assert_rejected(text, 4, 10, "kubernetes", "[[service]] accepts");
+    assert_rejected(text, 4, 10, "container", "[[service]] accepts");
 }
 
 #[test]
@@ -858,4 +918,681 @@ fn load_missing_file_names_path() {
 fn count_beyond_u64_rejected() {
     let text = "[server]\nmax_total_queued = 99999999999999999999\n";
     assert_rejected(text, 2, 20, "server.max_total_queued", "too large");
+}
+
+const KUBERNETES_EXAMPLE: &str = r#"[kubernetes]
+kubeconfig = "/etc/coldgate/kubeconfig"
+namespace = "models"
+lease_namespace = "coldgate"
+leader_lease = "coldgate-leader.v1"
+lease_duration = "30s"
+activity_interval = "500ms"
+identity = "coldgate-0"
+
+[[service]]
+name = "iris"
+hosts = ["iris.models.local"]
+idle_timeout = "1m"
+[service.kubernetes]
+namespace = "iris-ns"
+deployment = "iris-predictor.v1"
+service = "iris-predictor"
+port = 8080
+replicas = 3
+
+[[service]]
+name = "bert"
+hosts = ["bert.models.local"]
+[service.kubernetes]
+deployment = "bert"
+service = "bert"
+port = "http"
+"#;
+
+#[test]
+fn kubernetes_example_parses() {
+    let config = parse(KUBERNETES_EXAMPLE, "config.toml").unwrap();
+
+    assert_eq!(
+        config.kubernetes,
+        KubernetesConfig {
+            kubeconfig: Some(PathBuf::from("/etc/coldgate/kubeconfig")),
+            namespace: Some("models".to_owned()),
+            lease_namespace: Some("coldgate".to_owned()),
+            leader_lease: "coldgate-leader.v1".to_owned(),
+            lease_duration: Duration::from_secs(30),
+            activity_interval: Duration::from_millis(500),
+            identity: Some("coldgate-0".to_owned()),
+        }
+    );
+
+    let iris = &config.services[0];
+    assert_eq!(iris.settings.idle_timeout, Duration::from_secs(60));
+    assert_eq!(
+        iris.backend,
+        Backend::Kubernetes(KubernetesServiceConfig {
+            namespace: Some("iris-ns".to_owned()),
+            deployment: "iris-predictor.v1".to_owned(),
+            service: "iris-predictor".to_owned(),
+            port: PortRef::Number(8080),
+            replicas: 3,
+        })
+    );
+
+    // bert leaves out namespace and replicas: [kubernetes] namespace and 1 apply.
+    let bert = &config.services[1];
+    assert_eq!(bert.settings, ServiceSettings::default());
+    assert_eq!(
+        bert.backend,
+        Backend::Kubernetes(KubernetesServiceConfig {
+            namespace: Some("models".to_owned()),
+            deployment: "bert".to_owned(),
+            service: "bert".to_owned(),
+            port: PortRef::Name("http".to_owned()),
+            replicas: 1,
+        })
+    );
+}
+
+#[test]
+fn kubernetes_service_without_cluster_table() {
+    let text = r#"[[service]]
+name = "iris"
+hosts = ["iris.models.local"]
+[service.kubernetes]
+deployment = "iris"
+service = "iris"
+port = 8080
+"#;
+    let config = parse(text, "config.toml").unwrap();
+    assert_eq!(config.kubernetes, KubernetesConfig::default());
+    assert_eq!(config.kubernetes.leader_lease, "coldgate-leader");
+    assert_eq!(config.kubernetes.lease_duration, Duration::from_secs(15));
+    assert_eq!(config.kubernetes.activity_interval, Duration::from_secs(10));
+    let Backend::Kubernetes(backend) = &config.services[0].backend else {
+        panic!(
+            "expected a kubernetes backend, got {:?}",
+            config.services[0].backend
+        );
+    };
+    assert_eq!(backend.namespace, None);
+    assert_eq!(backend.replicas, 1);
+}
+
+#[test]
+fn lease_namespace_defaults_to_namespace() {
+    let config = parse("[kubernetes]\nnamespace = \"models\"\n", "config.toml").unwrap();
+    assert_eq!(config.kubernetes.namespace.as_deref(), Some("models"));
+    assert_eq!(config.kubernetes.lease_namespace.as_deref(), Some("models"));
+}
+
+#[test]
+fn kubernetes_table_without_services() {
+    let text = "[kubernetes]\nidentity = \"coldgate-0\"\n";
+    let config = parse(text, "config.toml").unwrap();
+    assert!(config.services.is_empty());
+    assert_eq!(config.kubernetes.identity.as_deref(), Some("coldgate-0"));
+}
+
+#[test]
+fn port_ref_displays_number_or_name() {
+    assert_eq!(PortRef::Number(8080).to_string(), "8080");
+    assert_eq!(PortRef::Name("http".to_owned()).to_string(), "http");
+}
+
+#[test]
+fn both_backend_tables() {
+    let text = r#"[[service]]
+name = "iris"
+hosts = ["iris.models.local"]
+[service.process]
+command = "python3"
+[service.kubernetes]
+deployment = "iris"
+service = "iris"
+port = 8080
+"#;
+    let diagnostic = assert_rejected(text, 6, 1, "kubernetes", "second backend table");
+    assert!(
+        diagnostic
+            .message
+            .contains("already has [service.process] at line 4"),
+        "{diagnostic}"
+    );
+    assert!(diagnostic.message.contains("keep one"), "{diagnostic}");
+    assert_eq!(diagnostic.service_name.as_deref(), Some("iris"));
+}
+
+#[test]
+fn both_backend_tables_process_second() {
+    let text = r#"[[service]]
+name = "iris"
+hosts = ["iris.models.local"]
+[service.kubernetes]
+deployment = "iris"
+service = "iris"
+port = 8080
+[service.process]
+command = "python3"
+"#;
+    let diagnostic = assert_rejected(text, 8, 1, "process", "second backend table");
+    assert!(
+        diagnostic
+            .message
+            .contains("already has [service.kubernetes] at line 4"),
+        "{diagnostic}"
+    );
+}
+
+#[test]
+fn missing_backend_offers_both_tables() {
+    let text = "[[service]]\nname = \"iris\"\nhosts = [\"iris.models.local\"]\n";
+    let diagnostic = assert_rejected(text, 1, 1, "process", "missing backend table");
+    assert!(
+        diagnostic.message.contains("[service.process]"),
+        "{diagnostic}"
+    );
+    assert!(
+        diagnostic.message.contains("[service.kubernetes]"),
+        "{diagnostic}"
+    );
+}
+
+/// Returns a service with a `[service.kubernetes]` table whose `key` line is replaced by
+/// `line`, or added when the table lacks `key`. The table's keys start at line 5.
+fn kubernetes_service(key: &str, line: &str) -> String {
+    let mut keys = vec![
+        "deployment = \"iris-predictor\"",
+        "service = \"iris-predictor\"",
+        "port = 8080",
+    ];
+    match keys.iter().position(|existing| existing.starts_with(key)) {
+        Some(index) => keys[index] = line,
+        None => keys.insert(0, line),
+    }
+    format!(
+        "[[service]]\nname = \"iris\"\nhosts = [\"iris.models.local\"]\n[service.kubernetes]\n{}\n",
+        keys.join("\n")
+    )
+}
+
+#[test]
+fn deployment_name_invalid() {
+    let text = kubernetes_service("deployment", "deployment = \"Iris_Predictor\"");
+    let diagnostic = assert_rejected(
+        &text,
+        5,
+        14,
+        "kubernetes.deployment",
+        "invalid Deployment name \"Iris_Predictor\"",
+    );
+    assert!(
+        diagnostic.message.contains("DNS-1123 subdomain"),
+        "{diagnostic}"
+    );
+    assert!(
+        diagnostic.message.contains("such as \"iris-predictor\""),
+        "{diagnostic}"
+    );
+    assert_eq!(diagnostic.service_name.as_deref(), Some("iris"));
+}
+
+#[test]
+fn service_name_invalid() {
+    let text = kubernetes_service("service", "service = \"iris.predictor\"");
+    let diagnostic = assert_rejected(
+        &text,
+        6,
+        11,
+        "kubernetes.service",
+        "invalid Service name \"iris.predictor\"",
+    );
+    assert!(
+        diagnostic.message.contains("such as \"iris-predictor\""),
+        "{diagnostic}"
+    );
+}
+
+#[test]
+fn service_name_starting_with_digit() {
+    let text = kubernetes_service("service", "service = \"1iris\"");
+    let diagnostic = assert_rejected(
+        &text,
+        6,
+        11,
+        "kubernetes.service",
+        "invalid Service name \"1iris\"",
+    );
+    assert!(
+        diagnostic.message.contains("starting with a letter"),
+        "{diagnostic}"
+    );
+}
+
+#[test]
+fn port_zero() {
+    let text = kubernetes_service("port", "port = 0");
+    assert_rejected(
+        &text,
+        7,
+        8,
+        "kubernetes.port",
+        "invalid port 0: a port number is from 1 to 65535",
+    );
+}
+
+#[test]
+fn port_above_65535() {
+    let text = kubernetes_service("port", "port = 70000");
+    assert_rejected(
+        &text,
+        7,
+        8,
+        "kubernetes.port",
+        "invalid port 70000: a port number is from 1 to 65535",
+    );
+}
+
+#[test]
+fn port_name_invalid() {
+    let text = kubernetes_service("port", "port = \"http_web\"");
+    let diagnostic = assert_rejected(
+        &text,
+        7,
+        8,
+        "kubernetes.port",
+        "invalid port name \"http_web\"",
+    );
+    assert!(
+        diagnostic.message.contains("1 to 15 characters"),
+        "{diagnostic}"
+    );
+}
+
+#[test]
+fn port_number_in_quotes() {
+    let text = kubernetes_service("port", "port = \"8080\"");
+    let diagnostic = assert_rejected(&text, 7, 8, "kubernetes.port", "invalid port name \"8080\"");
+    assert!(
+        diagnostic
+            .message
+            .contains("without quotes, such as port = 8080"),
+        "{diagnostic}"
+    );
+}
+
+#[test]
+fn port_wrong_type() {
+    let text = kubernetes_service("port", "port = true");
+    assert_rejected(
+        &text,
+        7,
+        8,
+        "kubernetes.port",
+        "expected a port number such as 8080 or a port name such as \"http\"",
+    );
+}
+
+#[test]
+fn replicas_zero() {
+    let text = kubernetes_service("replicas", "replicas = 0");
+    assert_rejected(
+        &text,
+        5,
+        12,
+        "kubernetes.replicas",
+        "invalid value 0: must be at least 1",
+    );
+}
+
+#[test]
+fn replicas_above_int32() {
+    let text = kubernetes_service("replicas", "replicas = 2147483648");
+    assert_rejected(
+        &text,
+        5,
+        12,
+        "kubernetes.replicas",
+        "invalid value 2147483648: too large, the maximum is 2147483647",
+    );
+}
+
+#[test]
+fn service_namespace_invalid() {
+    let text = kubernetes_service("namespace", "namespace = \"Models\"");
+    let diagnostic = assert_rejected(
+        &text,
+        5,
+        13,
+        "kubernetes.namespace",
+        "invalid namespace \"Models\"",
+    );
+    assert!(
+        diagnostic.message.contains("such as \"models\""),
+        "{diagnostic}"
+    );
+    assert_eq!(diagnostic.service_index, Some(0));
+}
+
+#[test]
+fn missing_kubernetes_keys_all_reported() {
+    let text = "[[service]]\nname = \"iris\"\nhosts = [\"iris.models.local\"]\n[service.kubernetes]\nreplicas = 2\n";
+    let error = parse(text, "config.toml").unwrap_err();
+    let found: Vec<(usize, usize, &str)> = error
+        .diagnostics()
+        .iter()
+        .map(|diagnostic| (diagnostic.line, diagnostic.column, diagnostic.key.as_str()))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            (4, 1, "kubernetes.deployment"),
+            (4, 1, "kubernetes.service"),
+            (4, 1, "kubernetes.port")
+        ]
+    );
+    for diagnostic in error.diagnostics() {
+        assert!(
+            diagnostic.message.starts_with("missing required key; add "),
+            "{diagnostic}"
+        );
+    }
+}
+
+#[test]
+fn lease_duration_too_short() {
+    let text = "[kubernetes]\nlease_duration = \"1s\"\n";
+    assert_rejected(
+        text,
+        2,
+        18,
+        "kubernetes.lease_duration",
+        "invalid duration \"1s\": must be from 2s to 5m",
+    );
+}
+
+#[test]
+fn activity_interval_out_of_range() {
+    assert_rejected(
+        "[kubernetes]\nactivity_interval = \"50ms\"\n",
+        2,
+        21,
+        "kubernetes.activity_interval",
+        "invalid duration \"50ms\": must be from 100ms to 5m",
+    );
+    assert_rejected(
+        "[kubernetes]\nactivity_interval = \"6m\"\n",
+        2,
+        21,
+        "kubernetes.activity_interval",
+        "must be from 100ms to 5m",
+    );
+}
+
+#[test]
+fn cluster_namespace_invalid() {
+    let text = "[kubernetes]\nnamespace = \"models.prod\"\n";
+    let diagnostic = assert_rejected(
+        text,
+        2,
+        13,
+        "kubernetes.namespace",
+        "invalid namespace \"models.prod\"",
+    );
+    assert_eq!(diagnostic.service_index, None);
+    assert!(
+        diagnostic.message.contains("such as \"models-prod\""),
+        "{diagnostic}"
+    );
+}
+
+#[test]
+fn lease_namespace_invalid() {
+    let text = "[kubernetes]\nlease_namespace = \"-coldgate\"\n";
+    assert_rejected(
+        text,
+        2,
+        19,
+        "kubernetes.lease_namespace",
+        "invalid namespace \"-coldgate\"",
+    );
+}
+
+#[test]
+fn leader_lease_invalid() {
+    let text = "[kubernetes]\nleader_lease = \"Coldgate_Leader\"\n";
+    let diagnostic = assert_rejected(
+        text,
+        2,
+        16,
+        "kubernetes.leader_lease",
+        "invalid Lease name \"Coldgate_Leader\"",
+    );
+    assert!(
+        diagnostic.message.contains("such as \"coldgate-leader\""),
+        "{diagnostic}"
+    );
+}
+
+#[test]
+fn identity_with_whitespace() {
+    let text = "[kubernetes]\nidentity = \"coldgate 0\"\n";
+    assert_rejected(
+        text,
+        2,
+        12,
+        "kubernetes.identity",
+        "invalid identity \"coldgate 0\": contains whitespace",
+    );
+}
+
+#[test]
+fn identity_empty() {
+    let text = "[kubernetes]\nidentity = \"\"\n";
+    assert_rejected(text, 2, 12, "kubernetes.identity", "empty identity");
+}
+
+#[test]
+fn kubeconfig_empty() {
+    let text = "[kubernetes]\nkubeconfig = \"\"\n";
+    assert_rejected(text, 2, 14, "kubernetes.kubeconfig", "empty path");
+}
+
+#[test]
+fn unknown_key_in_kubernetes() {
+    let text = "[kubernetes]\nnamespace = \"models\"\nlease_duraton = \"15s\"\n";
+    let diagnostic = assert_rejected(
+        text,
+        3,
+        1,
+        "kubernetes.lease_duraton",
+        "[kubernetes] accepts kubeconfig, namespace, lease_namespace, leader_lease, lease_duration, activity_interval, identity",
+    );
+    assert!(
+        diagnostic
+            .message
+            .contains("did you mean \"lease_duration\""),
+        "{diagnostic}"
+    );
+    assert_eq!(diagnostic.service_index, None);
+}
+
+#[test]
+fn unknown_key_in_service_kubernetes() {
+    let text = kubernetes_service("deploymnet", "deploymnet = \"iris\"");
+    let error = parse(&text, "config.toml").unwrap_err();
+    let diagnostics = error.diagnostics();
+    // Only the unknown key is reported, because value checks, such as the one for a
+    // missing deployment, run only once every key is known.
+    assert_eq!(diagnostics.len(), 1, "{error}");
+    let diagnostic = &diagnostics[0];
+    assert_eq!((diagnostic.line, diagnostic.column), (5, 1), "{diagnostic}");
+    assert_eq!(diagnostic.key, "kubernetes.deploymnet");
+    assert!(
+        diagnostic.message.contains(
+            "[service.kubernetes] accepts namespace, deployment, service, port, replicas"
+        ),
+        "{diagnostic}"
+    );
+    assert!(
+        diagnostic.message.contains("did you mean \"deployment\""),
+        "{diagnostic}"
+    );
+    assert_eq!(diagnostic.service_name.as_deref(), Some("iris"));
+}
+
+#[test]
+fn cluster_key_in_service_table() {
+    let text = kubernetes_service("lease_duration", "lease_duration = \"15s\"");
+    let diagnostic = assert_rejected(
+        &text,
+        5,
+        1,
+        "kubernetes.lease_duration",
+        "\"lease_duration\" belongs in [kubernetes]",
+    );
+    assert_eq!(diagnostic.service_index, Some(0));
+}
+
+#[test]
+fn namespace_key_in_service_entry() {
+    let text = r#"[[service]]
+name = "iris"
+hosts = ["iris.models.local"]
+namespace = "models"
+[service.kubernetes]
+deployment = "iris"
+service = "iris"
+port = 8080
+"#;
+    assert_rejected(
+        text,
+        4,
+        1,
+        "namespace",
+        "\"namespace\" belongs in [service.kubernetes]",
+    );
+}
+
+#[test]
+fn service_idle_timeout_too_short() {
+    let text = r#"[kubernetes]
+activity_interval = "30s"
+
+[[service]]
+name = "iris"
+hosts = ["iris.models.local"]
+idle_timeout = "30s"
+[service.kubernetes]
+deployment = "iris"
+service = "iris"
+port = 8080
+"#;
+    let diagnostic = assert_rejected(
+        text,
+        7,
+        16,
+        "idle_timeout",
+        "idle_timeout 30s must be longer than [kubernetes] activity_interval 30s (line 2)",
+    );
+    assert!(
+        diagnostic
+            .message
+            .contains("raise idle_timeout or lower activity_interval"),
+        "{diagnostic}"
+    );
+    assert_eq!(diagnostic.service_name.as_deref(), Some("iris"));
+}
+
+#[test]
+fn default_idle_timeout_too_short() {
+    let text = r#"[defaults]
+idle_timeout = "5s"
+
+[[service]]
+name = "iris"
+hosts = ["iris.models.local"]
+[service.kubernetes]
+deployment = "iris"
+service = "iris"
+port = 8080
+
+[[service]]
+name = "local"
+hosts = ["local.models.local"]
+[service.process]
+command = "python3"
+
+[[service]]
+name = "bert"
+hosts = ["bert.models.local"]
+[service.kubernetes]
+deployment = "bert"
+service = "bert"
+port = 8080
+"#;
+    // One diagnostic for both kubernetes services; the process service may idle briefly.
+    let diagnostic = assert_rejected(
+        text,
+        2,
+        16,
+        "defaults.idle_timeout",
+        "idle_timeout 5s must be longer than [kubernetes] activity_interval 10s (the default)",
+    );
+    assert!(
+        diagnostic.message.contains(
+            "service \"iris\", service \"bert\" with [service.kubernetes] inherit this value"
+        ),
+        "{diagnostic}"
+    );
+    assert_eq!(diagnostic.service_index, None);
+}
+
+#[test]
+fn idle_timeout_above_interval_accepted() {
+    let text = r#"[defaults]
+idle_timeout = "5s"
+
+[kubernetes]
+activity_interval = "10s"
+
+[[service]]
+name = "iris"
+hosts = ["iris.models.local"]
+idle_timeout = "10s1ms"
+[service.kubernetes]
+deployment = "iris"
+service = "iris"
+port = 8080
+"#;
+    let config = parse(text, "config.toml").unwrap();
+    assert_eq!(
+        config.services[0].settings.idle_timeout,
+        Duration::from_millis(10_001)
+    );
+}
+
+#[test]
+fn invalid_activity_interval_skips_idle_check() {
+    // Only the out-of-range activity_interval is reported, not a comparison of idle_timeout
+    // against a value the file does not contain.
+    let text = r#"[kubernetes]
+activity_interval = "1h"
+
+[[service]]
+name = "iris"
+hosts = ["iris.models.local"]
+idle_timeout = "5s"
+[service.kubernetes]
+deployment = "iris"
+service = "iris"
+port = 8080
+"#;
+    assert_rejected(
+        text,
+        2,
+        21,
+        "kubernetes.activity_interval",
+        "must be from 100ms to 5m",
+    );
 }

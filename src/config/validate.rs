@@ -1,5 +1,7 @@
 //! Turns the raw schema into [`Config`]: applies defaults and checks every value.
 
+mod kubernetes;
+
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv6Addr, SocketAddr};
 use std::ops::Range;
@@ -11,11 +13,12 @@ use toml::Spanned;
 use super::duration::format_duration;
 use super::error::{key_segment, Diagnostics, ServiceContext};
 use super::raw::{
-    Count, DurationValue, RawConfig, RawLog, RawProcess, RawServer, RawService, RawSettings,
+    Count, DurationValue, RawConfig, RawLog, RawProcess, RawServer, RawService,
+    RawServiceKubernetes, RawSettings,
 };
 use super::{
-    Backend, Config, LogConfig, LogFormat, ProcessConfig, ServerConfig, ServiceConfig,
-    ServiceSettings, DEFAULT_STOP_GRACE,
+    Backend, Config, KubernetesConfig, LogConfig, LogFormat, ProcessConfig, ServerConfig,
+    ServiceConfig, ServiceSettings, DEFAULT_STOP_GRACE,
 };
 
 const MAX_NAME_LEN: usize = 63;
@@ -30,23 +33,29 @@ pub(super) fn build(raw: RawConfig, diagnostics: &mut Diagnostics<'_>) -> Config
     let server = build_server(raw.server, diagnostics);
     let log = build_log(raw.log, diagnostics);
 
+    let raw_defaults = raw.defaults.unwrap_or_default();
+    let defaults_idle_span = raw_defaults.idle_timeout.as_ref().map(Spanned::span);
     let mut checker = Checker {
         diagnostics,
         service: None,
         key_prefix: "defaults.",
     };
-    let defaults = apply_settings(
-        &ServiceSettings::default(),
-        raw.defaults.unwrap_or_default(),
-        &mut checker,
-    );
+    let defaults = apply_settings(&ServiceSettings::default(), raw_defaults, &mut checker);
 
-    let services = build_services(raw.service.unwrap_or_default(), &defaults, diagnostics);
+    let cluster = kubernetes::build_cluster(raw.kubernetes, diagnostics);
+    let services = build_services(
+        raw.service.unwrap_or_default(),
+        &defaults,
+        defaults_idle_span,
+        &cluster,
+        diagnostics,
+    );
     Config {
         server,
         log,
         defaults,
         services,
+        kubernetes: cluster.config,
     }
 }
 
@@ -306,15 +315,22 @@ struct RouteOwner {
     line: usize,
 }
 
+/// Builds the `[[service]]` entries. `defaults_idle_span` locates `[defaults]
+/// idle_timeout` when the file sets it.
 fn build_services(
     entries: Vec<Spanned<RawService>>,
     defaults: &ServiceSettings,
+    defaults_idle_span: Option<Range<usize>>,
+    cluster: &kubernetes::ClusterSettings,
     diagnostics: &mut Diagnostics<'_>,
 ) -> Vec<ServiceConfig> {
     // Name to the line of its first use.
     let mut names: HashMap<String, usize> = HashMap::new();
     let mut routes: HashMap<(String, String), RouteOwner> = HashMap::new();
     let mut services = Vec::with_capacity(entries.len());
+    // Services with [service.kubernetes] whose idle_timeout, inherited from [defaults], is
+    // too short. They get one diagnostic together at [defaults] idle_timeout.
+    let mut short_default_idle: Vec<String> = Vec::new();
 
     for (index, entry) in entries.into_iter().enumerate() {
         let header_span = entry.span();
@@ -374,17 +390,27 @@ fn build_services(
 
         let settings = apply_settings(defaults, raw.overrides(), &mut checker);
 
-        let backend = match raw.process {
-            Some(process) => build_process(process, &mut checker).map(Backend::Process),
-            None => {
-                checker.error(
-                    header_span.clone(),
-                    "process",
-                    "missing backend table; add a [service.process] table with command = \"...\" after this [[service]] header".to_owned(),
-                );
-                None
+        if raw.kubernetes.is_some() && raw.process.is_none() {
+            let inherits_short = kubernetes::check_idle_timeout(
+                raw.idle_timeout.as_ref(),
+                settings.idle_timeout,
+                defaults_idle_span.is_some(),
+                &header_span,
+                cluster,
+                &mut checker,
+            );
+            if inherits_short {
+                short_default_idle.push(service_label.clone());
             }
-        };
+        }
+
+        let backend = build_backend(
+            raw.process,
+            raw.kubernetes,
+            &header_span,
+            &cluster.config,
+            &mut checker,
+        );
 
         if let (Some(name), Some(backend)) = (name, backend) {
             services.push(ServiceConfig {
@@ -397,7 +423,66 @@ fn build_services(
             });
         }
     }
+
+    if let Some(span) = defaults_idle_span {
+        kubernetes::report_short_default_idle_timeout(
+            &short_default_idle,
+            defaults.idle_timeout,
+            span,
+            cluster,
+            diagnostics,
+        );
+    }
     services
+}
+
+/// Builds the service's one backend table, reporting a missing table or a second one.
+fn build_backend(
+    process: Option<Spanned<RawProcess>>,
+    kubernetes: Option<Spanned<RawServiceKubernetes>>,
+    header_span: &Range<usize>,
+    cluster: &KubernetesConfig,
+    checker: &mut Checker<'_, '_>,
+) -> Option<Backend> {
+    match (process, kubernetes) {
+        (Some(process), None) => build_process(process, checker).map(Backend::Process),
+        (None, Some(table)) => {
+            kubernetes::build_service(table, cluster, checker).map(Backend::Kubernetes)
+        }
+        (Some(process), Some(table)) => {
+            let process_span = process.span();
+            let kubernetes_span = table.span();
+            // Check both tables, so that one run reports their mistakes too.
+            build_process(process, checker);
+            kubernetes::build_service(table, cluster, checker);
+
+            // The later table is the extra one, whichever kind it is.
+            if kubernetes_span.start > process_span.start {
+                let first_line = checker.diagnostics.line_of(process_span.start);
+                let message = second_backend_message("[service.process]", first_line);
+                checker.error(kubernetes_span, "kubernetes", message);
+            } else {
+                let first_line = checker.diagnostics.line_of(kubernetes_span.start);
+                let message = second_backend_message("[service.kubernetes]", first_line);
+                checker.error(process_span, "process", message);
+            }
+            None
+        }
+        (None, None) => {
+            checker.error(
+                header_span.clone(),
+                "process",
+                "missing backend table; add [service.process] with command = \"...\" to run a local process, or [service.kubernetes] with deployment, service and port to scale a Kubernetes Deployment, after this [[service]] header".to_owned(),
+            );
+            None
+        }
+    }
+}
+
+fn second_backend_message(first_table: &str, first_line: usize) -> String {
+    format!(
+        "second backend table; this service already has {first_table} at line {first_line}, and a service has exactly one backend, so keep one of the two tables"
+    )
 }
 
 fn check_service_name(
@@ -417,7 +502,7 @@ fn check_service_name(
     };
     let name = value.get_ref();
 
-    if !is_valid_service_name(name) {
+    if !is_dns1123_label(name) {
         let message = format!(
             "invalid service name {name:?}: use 1 to {MAX_NAME_LEN} characters of a-z, 0-9 and '-', starting and ending with a letter or digit, such as {:?}",
             suggest_service_name(name)
@@ -438,9 +523,9 @@ fn check_service_name(
     Some(name.clone())
 }
 
-/// Tells whether `name` is a DNS label: 1 to 63 characters of `a-z`, `0-9` and `-`,
+/// Tells whether `name` is a DNS-1123 label: 1 to 63 characters of `a-z`, `0-9` and `-`,
 /// starting and ending with a letter or digit.
-fn is_valid_service_name(name: &str) -> bool {
+fn is_dns1123_label(name: &str) -> bool {
     let alphanumeric = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit();
     let bytes = name.as_bytes();
     !bytes.is_empty()
@@ -730,7 +815,7 @@ mod tests {
     #[test]
     fn service_name_rules() {
         for valid in ["iris", "a", "llama-3-8b", "0model", &"a".repeat(63)] {
-            assert!(is_valid_service_name(valid), "{valid:?} should be valid");
+            assert!(is_dns1123_label(valid), "{valid:?} should be valid");
         }
         for invalid in [
             "",
@@ -741,10 +826,7 @@ mod tests {
             "iris.v1",
             &"a".repeat(64),
         ] {
-            assert!(
-                !is_valid_service_name(invalid),
-                "{invalid:?} should be invalid"
-            );
+            assert!(!is_dns1123_label(invalid), "{invalid:?} should be invalid");
         }
         assert_eq!(suggest_service_name("Iris_Model"), "iris-model");
         assert_eq!(suggest_service_name("__"), "my-model");
