@@ -31,8 +31,12 @@ enum Command {
     },
     /// Validate a configuration file and exit: 0 if valid, 1 with the errors otherwise.
     CheckConfig {
-        /// Path of the TOML configuration file.
-        file: PathBuf,
+        /// Path of the TOML configuration file (also accepted as --config FILE).
+        #[arg(required_unless_present = "config")]
+        file: Option<PathBuf>,
+        /// Path of the TOML configuration file, as for `serve`.
+        #[arg(long, short, conflicts_with = "file")]
+        config: Option<PathBuf>,
     },
     /// Run coldgate in front of the built-in simulated model server, which starts on the
     /// first request and stops after it has been idle.
@@ -69,9 +73,17 @@ fn parse_log_format(value: &str) -> Result<LogFormat, String> {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckConfig { file } => check_config(&file),
+        Command::CheckConfig { file, config } => {
+            let path = file.or(config).expect("clap requires one of the two");
+            check_config(&path)
+        }
         Command::Serve { config, log_format } => match config::load(&config) {
-            Ok(loaded) => serve(loaded, log_format),
+            Ok(loaded) => {
+                for warning in environment_warnings(&loaded) {
+                    eprintln!("warning: {warning}");
+                }
+                serve(loaded, log_format)
+            }
             Err(error) => {
                 eprintln!("{error}");
                 ExitCode::FAILURE
@@ -110,6 +122,9 @@ pub fn main() -> ExitCode {
 fn check_config(file: &Path) -> ExitCode {
     match config::load(file) {
         Ok(loaded) => {
+            for warning in environment_warnings(&loaded) {
+                println!("warning: {warning}");
+            }
             println!("{}: valid, {} service(s)", file.display(), loaded.services.len());
             ExitCode::SUCCESS
         }
@@ -120,12 +135,47 @@ fn check_config(file: &Path) -> ExitCode {
     }
 }
 
+/// Problems with this machine rather than with the file: a process command that is not
+/// found. They are warnings because the file may be meant for another machine.
+fn environment_warnings(config: &Config) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for service in &config.services {
+        let config::Backend::Process(process) = &service.backend else { continue };
+        if !command_exists(&process.command, process.working_dir.as_deref()) {
+            warnings.push(format!(
+                "service {:?}: process command {:?} was not found (looked in {}); its first request will fail with 502",
+                service.name,
+                process.command,
+                if process.command.contains('/') { "the working directory" } else { "PATH" }
+            ));
+        }
+    }
+    warnings
+}
+
+fn command_exists(command: &str, working_dir: Option<&Path>) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |path: &Path| path.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    if command.contains('/') {
+        let path = Path::new(command);
+        return match (path.is_relative(), working_dir) {
+            (true, Some(dir)) => executable(&dir.join(path)),
+            _ => executable(path),
+        };
+    }
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|dir| executable(&dir.join(command))))
+        .unwrap_or(false)
+}
+
 fn init_logging(format: LogFormat, filter: &str) {
     // RUST_LOG, when set, wins over the configuration so operators can debug without edits.
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(filter))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Colour codes only make sense on a terminal, not in a file or a log collector.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi);
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
         LogFormat::Text => builder.try_init(),
@@ -150,6 +200,8 @@ fn serve(config: Config, log_format: Option<LogFormat>) -> ExitCode {
         let listeners = Listeners::bind(config.server.listen, config.server.admin_listen)?;
         server::run(config, listeners, shutdown_signal()).await
     });
+    // Everything is stopped by now; do not wait for idle pooled connections to wind down.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

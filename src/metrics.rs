@@ -27,7 +27,6 @@ pub struct Metrics {
     pub connect_retries: IntCounterVec,
     pub process_exits: IntCounterVec,
     pub held_requests_total: IntGauge,
-    pub config_reload_failures: IntCounter,
     pub kubernetes_api_errors: IntCounterVec,
     pub leader: IntGauge,
     pub startup_duration: Histogram,
@@ -140,11 +139,6 @@ impl Metrics {
                 "Requests held across all services (bounded by server.max_total_queued)",
             )
             .unwrap(),
-            config_reload_failures: IntCounter::new(
-                "coldgate_config_reload_failures_total",
-                "Configuration reloads rejected because the new file was invalid",
-            )
-            .unwrap(),
             kubernetes_api_errors: IntCounterVec::new(
                 Opts::new(
                     "coldgate_kubernetes_api_errors_total",
@@ -186,7 +180,6 @@ impl Metrics {
             Box::new(self.connect_retries.clone()),
             Box::new(self.process_exits.clone()),
             Box::new(self.held_requests_total.clone()),
-            Box::new(self.config_reload_failures.clone()),
             Box::new(self.kubernetes_api_errors.clone()),
             Box::new(self.leader.clone()),
             Box::new(self.startup_duration.clone()),
@@ -211,6 +204,10 @@ impl Metrics {
         for direction in ["up", "down"] {
             self.scale_events.with_label_values(&[service, direction]).inc_by(0);
         }
+        for reason in ["queue_full", "global_limit"] {
+            self.queue_rejections.with_label_values(&[service, reason]).inc_by(0);
+        }
+        self.connect_retries.with_label_values(&[service]).inc_by(0);
     }
 
     /// Renders every metric in the Prometheus text exposition format.

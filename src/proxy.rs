@@ -52,7 +52,7 @@ const UPSTREAM_POOL_IDLE: Duration = Duration::from_secs(4);
 #[derive(Debug, Clone)]
 pub enum Rejection {
     BadHost,
-    NoRoute,
+    NoRoute { host: String, path: String },
     /// The request itself is malformed (a bad body encoding, for example).
     BadRequest { service: Option<Arc<str>>, detail: String },
     Admit { service: Arc<str>, error: AdmitError, retry_after: u64 },
@@ -76,10 +76,14 @@ pub fn error_response(rejection: &Rejection) -> (u16, Option<u64>, serde_json::V
             None,
             body("invalid_host", None, "the Host header is missing or not a valid host name".into()),
         ),
-        Rejection::NoRoute => (
+        Rejection::NoRoute { host, path } => (
             404,
             None,
-            body("no_route", None, "no service is configured for this Host and path".into()),
+            body(
+                "no_route",
+                None,
+                format!("no service is configured for host {host:?} and path {path:?}; check the Host header"),
+            ),
         ),
         Rejection::BadRequest { service, detail } => (
             400,
@@ -175,11 +179,13 @@ impl Activator {
     async fn reject(&self, session: &mut Session, ctx: &mut RequestCtx, rejection: Rejection) -> Result<bool> {
         let (status, retry_after, body) = error_response(&rejection);
         ctx.rejected = true;
+        let code = body["error"]["code"].as_str().unwrap_or_default();
+        let message = body["error"]["message"].as_str().unwrap_or_default();
         match &rejection {
-            Rejection::BadHost | Rejection::NoRoute => {
-                debug!(status, path = %session.req_header().uri.path(), "request rejected")
+            Rejection::BadHost | Rejection::NoRoute { .. } => {
+                debug!(status, code, path = %session.req_header().uri.path(), "request rejected")
             }
-            other => info!(status, service = ctx.service_label(), reason = ?other, "request answered by coldgate"),
+            _ => info!(status, service = ctx.service_label(), code, message, "request answered by coldgate"),
         }
         write_json(session, status, retry_after, &body).await?;
         Ok(true)
@@ -376,7 +382,8 @@ impl ProxyHttp for Activator {
         let registry = self.registry.load();
         let Some(service) = registry.route(&host, header.uri.path()) else {
             self.metrics.unrouted_requests.inc();
-            return self.reject(session, ctx, Rejection::NoRoute).await;
+            let path = header.uri.path().chars().take(200).collect();
+            return self.reject(session, ctx, Rejection::NoRoute { host, path }).await;
         };
         ctx.service = Some(service.clone());
         ctx.deadline = Some(ctx.arrived + service.settings().queue_timeout);
@@ -539,7 +546,7 @@ mod tests {
         let admit = |error| Rejection::Admit { service: service.clone(), error, retry_after: 7 };
         let cases = [
             (Rejection::BadHost, 400, None, "invalid_host"),
-            (Rejection::NoRoute, 404, None, "no_route"),
+            (Rejection::NoRoute { host: "x.local".into(), path: "/".into() }, 404, None, "no_route"),
             (admit(AdmitError::QueueFull), 503, Some(7), "queue_full"),
             (admit(AdmitError::GlobalQueueFull), 503, Some(7), "overloaded"),
             (admit(AdmitError::Timeout), 504, None, "queue_timeout"),

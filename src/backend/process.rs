@@ -46,6 +46,9 @@ pub struct ProcessBackend {
 
 impl ProcessBackend {
     pub fn new(service: &str, config: ProcessConfig, exits: IntCounterVec) -> Self {
+        for expected in ["true", "false"] {
+            exits.with_label_values(&[service, expected]).inc_by(0);
+        }
         ProcessBackend {
             service: service.to_string(),
             config: Mutex::new(config),

@@ -38,7 +38,7 @@ pub(super) struct RawServer {
 #[serde(deny_unknown_fields, expecting = "a table")]
 pub(super) struct RawLog {
     pub format: Option<Spanned<String>>,
-    pub filter: Option<String>,
+    pub filter: Option<Spanned<String>>,
 }
 
 #[derive(Debug, serde::Deserialize)]

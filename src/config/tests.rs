@@ -1596,3 +1596,12 @@ port = 8080
         "must be from 100ms to 5m",
     );
 }
+
+#[test]
+fn invalid_log_filter_is_rejected() {
+    let error = parse("[log]\nfilter = \"info,,=[=\"\n", "config.toml").unwrap_err();
+    let diagnostic = &error.diagnostics()[0];
+    assert_eq!((diagnostic.line, diagnostic.column), (2, 10));
+    assert_eq!(diagnostic.key, "log.filter");
+    assert!(diagnostic.message.contains("invalid filter"), "{}", diagnostic.message);
+}

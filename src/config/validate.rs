@@ -244,10 +244,22 @@ fn build_log(raw: Option<RawLog>, diagnostics: &mut Diagnostics<'_>) -> LogConfi
         },
     };
 
-    LogConfig {
-        format,
-        filter: raw.filter.unwrap_or(defaults.filter),
-    }
+    let filter = match raw.filter {
+        None => defaults.filter,
+        Some(value) => {
+            // Checked here because tracing would otherwise fall back to "info" silently.
+            if let Err(error) = tracing_subscriber::EnvFilter::try_new(value.get_ref()) {
+                let message = format!(
+                    "invalid filter {:?}: {error}; use directives such as \"info\" or \"info,coldgate=debug\"",
+                    value.get_ref()
+                );
+                diagnostics.push(value.span(), None, "log.filter", message);
+            }
+            value.into_inner()
+        }
+    };
+
+    LogConfig { format, filter }
 }
 
 /// Returns `base` with the keys present in `raw` replaced, checking each present value.
