@@ -187,7 +187,7 @@ impl Activator {
             }
             _ => info!(status, service = ctx.service_label(), code, message, "request answered by coldgate"),
         }
-        write_json(session, status, retry_after, &body).await?;
+        write_rejection(session, status, retry_after, &body).await?;
         Ok(true)
     }
 
@@ -296,6 +296,63 @@ async fn watch_client(session: &mut Session, buffered: &mut usize, gauge: &prome
             Err(_) => return,
         }
     }
+}
+
+/// Writes a rejection in the form the client understands: a trailers-only gRPC response
+/// for gRPC calls (so a gRPC client sees UNAVAILABLE or DEADLINE_EXCEEDED rather than a
+/// bare HTTP error), JSON otherwise.
+async fn write_rejection(
+    session: &mut Session,
+    status: u16,
+    retry_after: Option<u64>,
+    body: &serde_json::Value,
+) -> Result<()> {
+    let is_grpc = session
+        .req_header()
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if !is_grpc {
+        return write_json(session, status, retry_after, body).await;
+    }
+    let code = body["error"]["code"].as_str().unwrap_or_default();
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    let mut response = ResponseHeader::build(200, Some(4))?;
+    response.insert_header(header::CONTENT_TYPE, "application/grpc")?;
+    response.insert_header("grpc-status", grpc_status(code).to_string())?;
+    response.insert_header("grpc-message", percent_encode_grpc(message))?;
+    if let Some(seconds) = retry_after {
+        response.insert_header(header::RETRY_AFTER, seconds.to_string())?;
+    }
+    // Headers with end of stream and no body: the trailers-only form of a gRPC error.
+    session.write_response_header(Box::new(response), true).await?;
+    Ok(())
+}
+
+/// Maps coldgate's error code to a gRPC status code (grpc/doc/statuscodes.md numbering).
+pub fn grpc_status(code: &str) -> u32 {
+    match code {
+        "queue_timeout" => 4,                    // DEADLINE_EXCEEDED
+        "no_route" => 12,                        // UNIMPLEMENTED
+        "invalid_host" | "bad_request" => 3,     // INVALID_ARGUMENT
+        "internal" => 13,                        // INTERNAL
+        _ => 14,                                 // UNAVAILABLE: queue full, start failed, upstream down
+    }
+}
+
+/// Percent-encodes a grpc-message value as the gRPC HTTP/2 protocol requires: bytes
+/// outside printable ASCII, and '%' itself.
+fn percent_encode_grpc(message: &str) -> String {
+    let mut encoded = String::with_capacity(message.len());
+    for byte in message.bytes() {
+        if (0x20..=0x7e).contains(&byte) && byte != b'%' {
+            encoded.push(byte as char);
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    encoded
 }
 
 async fn write_json(
@@ -503,7 +560,7 @@ impl ProxyHttp for Activator {
             _ => warn!(service = ctx.service_label(), status, error = %e, "request failed"),
         }
         ctx.rejected = true;
-        let written = write_json(session, status, retry_after, &body).await.is_ok();
+        let written = write_rejection(session, status, retry_after, &body).await.is_ok();
         FailToProxy { error_code: if written { status } else { 0 }, can_reuse_downstream: false }
     }
 
@@ -560,6 +617,15 @@ mod tests {
             let label = format!("{rejection:?}");
             assert_eq!(status_of(rejection), (status, retry_after, code.to_string()), "{label}");
         }
+    }
+
+    #[test]
+    fn grpc_codes_and_message_encoding() {
+        assert_eq!(grpc_status("queue_timeout"), 4);
+        assert_eq!(grpc_status("queue_full"), 14);
+        assert_eq!(grpc_status("activation_failed"), 14);
+        assert_eq!(grpc_status("no_route"), 12);
+        assert_eq!(percent_encode_grpc("a 100% é"), "a 100%25 %C3%A9");
     }
 
     #[test]
