@@ -20,12 +20,14 @@ use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::header;
+use pingora_core::protocols::ALPN;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use tracing::{debug, info, warn};
 
+use crate::config::UpstreamProtocol;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::routing::normalize_host;
@@ -41,6 +43,10 @@ pub const MAX_HELD_BODY: usize = 64 * 1024;
 /// Backoff between connection attempts to an instance that refused the connection.
 const CONNECT_BACKOFF_START: Duration = Duration::from_millis(10);
 const CONNECT_BACKOFF_MAX: Duration = Duration::from_millis(250);
+
+/// Concurrent HTTP/2 streams coldgate opens on one h2c connection to an instance before
+/// it opens another connection.
+const H2C_STREAMS_PER_CONNECTION: usize = 100;
 
 /// How long an idle pooled connection to an instance is kept. Model servers built on
 /// uvicorn close idle keep-alive connections after 5 s by default, so stay below that to
@@ -485,10 +491,15 @@ impl ProxyHttp for Activator {
         let Some(lease) = ctx.lease.as_ref() else {
             return Error::e_explain(ErrorType::InternalError, "no endpoint leased before upstream_peer");
         };
-        let settings = service.settings();
+        let (connect_timeout, protocol) = service.upstream_options();
         let mut peer = HttpPeer::new(lease.addr(), false, String::new());
-        peer.options.connection_timeout = Some(settings.connect_timeout);
+        peer.options.connection_timeout = Some(connect_timeout);
         peer.options.idle_timeout = Some(UPSTREAM_POOL_IDLE);
+        if protocol == UpstreamProtocol::H2c {
+            // HTTP/2 only, without TLS: pingora then speaks h2c with prior knowledge.
+            peer.options.alpn = ALPN::H2;
+            peer.options.max_h2_streams = H2C_STREAMS_PER_CONNECTION;
+        }
         ctx.upstream_sent = Some(Instant::now());
         Ok(Box::new(peer))
     }

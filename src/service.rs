@@ -25,7 +25,7 @@ use tokio::sync::{oneshot, Notify};
 use tracing::{debug, info, warn};
 
 use crate::backend::{Backend, ScaleDown};
-use crate::config::{ServiceConfig, ServiceSettings};
+use crate::config::{ServiceConfig, ServiceSettings, UpstreamProtocol};
 use crate::metrics::Metrics;
 use crate::probe;
 
@@ -168,6 +168,7 @@ impl ServiceMetrics {
 struct State {
     phase: Phase,
     settings: ServiceSettings,
+    protocol: UpstreamProtocol,
     readiness_path: String,
     /// Endpoints that passed the readiness probe, in the order they became ready.
     ready: Vec<Arc<Endpoint>>,
@@ -245,6 +246,7 @@ impl Service {
             state: Mutex::new(State {
                 phase: Phase::Idle,
                 settings: config.settings.clone(),
+                protocol: config.protocol,
                 readiness_path: config.readiness_path.clone(),
                 ready: Vec::new(),
                 probing: HashMap::new(),
@@ -275,6 +277,7 @@ impl Service {
         {
             let mut st = self.state.lock();
             st.settings = config.settings.clone();
+            st.protocol = config.protocol;
             st.readiness_path = config.readiness_path.clone();
             self.dispatch_locked(&mut st);
         }
@@ -283,6 +286,12 @@ impl Service {
 
     pub fn settings(&self) -> ServiceSettings {
         self.state.lock().settings.clone()
+    }
+
+    /// Returns the connect timeout and protocol to use towards instances.
+    pub fn upstream_options(&self) -> (Duration, UpstreamProtocol) {
+        let st = self.state.lock();
+        (st.settings.connect_timeout, st.protocol)
     }
 
     /// Admits a request: a lease on a ready endpoint at once, a place in the queue, or a
@@ -1081,6 +1090,7 @@ mod tests {
         let mut st = State {
             phase: Phase::Serving,
             settings,
+            protocol: UpstreamProtocol::Http1,
             readiness_path: "/".into(),
             ready: endpoints.clone(),
             probing: HashMap::new(),

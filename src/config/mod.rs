@@ -162,9 +162,22 @@ pub struct ServiceConfig {
     pub path_prefix: String,
     /// Path of the readiness probe. Starts with "/" and defaults to "/".
     pub readiness_path: String,
+    /// How coldgate talks to the instances.
+    pub protocol: UpstreamProtocol,
     /// The `[defaults]` values with this service's overrides applied.
     pub settings: ServiceSettings,
     pub backend: Backend,
+}
+
+/// The protocol between coldgate and a service's instances (`protocol` in `[[service]]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1, the default. WebSocket upgrades need it.
+    #[default]
+    Http1,
+    /// Cleartext HTTP/2 with prior knowledge, for gRPC servers such as Triton or KServe's
+    /// gRPC port.
+    H2c,
 }
 
 /// Mechanism that starts and stops a service's instances. Each variant is one table under

@@ -120,6 +120,7 @@ fn full_example_parses() {
         hosts: vec!["iris.models.local".to_owned()],
         path_prefix: "/".to_owned(),
         readiness_path: "/v2/models/iris/ready".to_owned(),
+        protocol: UpstreamProtocol::Http1,
         settings: expected_settings,
         backend: Backend::Process(ProcessConfig {
             command: "python3".to_owned(),
@@ -1604,4 +1605,14 @@ fn invalid_log_filter_is_rejected() {
     assert_eq!((diagnostic.line, diagnostic.column), (2, 10));
     assert_eq!(diagnostic.key, "log.filter");
     assert!(diagnostic.message.contains("invalid filter"), "{}", diagnostic.message);
+}
+
+#[test]
+fn protocol_is_validated() {
+    let base = "[[service]]\nname = \"g\"\nhosts = [\"g.local\"]\n";
+    let config = parse(&format!("{base}protocol = \"h2c\"\n[service.process]\ncommand = \"x\"\n"), "c.toml").unwrap();
+    assert_eq!(config.services[0].protocol, UpstreamProtocol::H2c);
+    let error = parse(&format!("{base}protocol = \"grpc\"\n[service.process]\ncommand = \"x\"\n"), "c.toml").unwrap_err();
+    let diagnostic = &error.diagnostics()[0];
+    assert_eq!((diagnostic.line, diagnostic.column, diagnostic.key.as_str()), (4, 12, "protocol"));
 }

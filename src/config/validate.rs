@@ -18,7 +18,7 @@ use super::raw::{
 };
 use super::{
     Backend, Config, KubernetesConfig, LogConfig, LogFormat, ProcessConfig, ServerConfig,
-    ServiceConfig, ServiceSettings, DEFAULT_STOP_GRACE,
+    ServiceConfig, ServiceSettings, UpstreamProtocol, DEFAULT_STOP_GRACE,
 };
 
 const MAX_NAME_LEN: usize = 63;
@@ -371,6 +371,21 @@ fn build_services(
             None => "/".to_owned(),
         };
         let hosts = check_hosts(&raw, &header_span, &mut checker);
+        let protocol = match &raw.protocol {
+            None => UpstreamProtocol::Http1,
+            Some(value) => match value.get_ref().as_str() {
+                "http1" => UpstreamProtocol::Http1,
+                "h2c" => UpstreamProtocol::H2c,
+                other => {
+                    checker.error(
+                        value.span(),
+                        "protocol",
+                        format!("invalid protocol {other:?}: expected \"http1\" or \"h2c\" (cleartext HTTP/2, for gRPC)"),
+                    );
+                    UpstreamProtocol::Http1
+                }
+            },
+        };
 
         for (host, span) in &hosts {
             let route = (host.clone(), path_prefix.clone());
@@ -430,6 +445,7 @@ fn build_services(
                 hosts: hosts.into_iter().map(|(host, _)| host).collect(),
                 path_prefix,
                 readiness_path,
+                protocol,
                 settings,
                 backend,
             });
