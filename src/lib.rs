@@ -17,3 +17,4 @@ pub mod registry;
 pub mod routing;
 pub mod server;
 pub mod service;
+pub mod tls;

@@ -2,8 +2,8 @@
 //!
 //! It serves the KServe v2 readiness, liveness and inference paths, plus endpoints that
 //! script the hard cases for a proxy: slow model loads, connections refused right after
-//! readiness, streamed events, large bodies, long requests and crashes. Every duration
-//! is in milliseconds, counted from the call to [`run`].
+//! readiness, streamed events, WebSocket sessions, large bodies, long requests and
+//! crashes. Every duration is in milliseconds, counted from the call to [`run`].
 //!
 //! `--fail-start-ms` and `/crash` end the whole process with `std::process::exit`, so
 //! run the predictor as its own process when a test uses them.
@@ -167,6 +167,8 @@ struct Predictor {
     listener_closed: Notify,
     requests: AtomicU64,
     probes: AtomicU64,
+    /// WebSocket connections whose upgrade completed.
+    websockets: AtomicU64,
     echo_checksums: Mutex<Vec<String>>,
     last_request_headers: Mutex<Map<String, Value>>,
 }
@@ -182,6 +184,7 @@ impl Predictor {
             listener_closed: Notify::new(),
             requests: AtomicU64::new(0),
             probes: AtomicU64::new(0),
+            websockets: AtomicU64::new(0),
             echo_checksums: Mutex::new(Vec::new()),
             last_request_headers: Mutex::new(Map::new()),
         }
@@ -208,11 +211,13 @@ impl Predictor {
     }
 }
 
-/// Per-connection state that lets `/crash` end the process once its response is sent.
+/// Per-connection state that lets `/crash` end the process once its response is sent and
+/// lets `/ws` take over the connection once its 101 response is sent.
 #[derive(Default)]
 struct ConnectionControl {
     exit_code: OnceLock<i32>,
     exit_requested: Notify,
+    websocket: Mutex<Option<websocket::PendingSession>>,
 }
 
 /// SIGTERM and SIGINT handlers.
@@ -387,7 +392,9 @@ async fn mark_ready_after_load(predictor: Arc<Predictor>) {
 }
 
 /// Serves one connection over HTTP/1.1 or h2c until it closes, the process drains, or a
-/// `/crash` request on it requests an exit.
+/// `/crash` request on it requests an exit. A `/ws` upgrade turns the rest of the
+/// connection into a WebSocket session, which this task runs too, so the drain at
+/// shutdown also waits for open WebSocket sessions.
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
@@ -397,10 +404,11 @@ async fn serve_connection(
     let control = Arc::new(ConnectionControl::default());
     let service = {
         let control = control.clone();
+        let predictor = predictor.clone();
         service_fn(move |request| handle_request(predictor.clone(), control.clone(), request))
     };
     let builder = auto::Builder::new(TokioExecutor::new());
-    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     tokio::pin!(connection);
 
     let mut graceful_shutdown_started = false;
@@ -436,6 +444,11 @@ async fn serve_connection(
         eprintln!("{LOG_PREFIX} exiting with status {code} as requested by /crash");
         std::process::exit(*code);
     }
+
+    let pending_websocket = lock(&control.websocket).take();
+    if let Some(pending) = pending_websocket {
+        websocket::run_session(pending, &predictor, peer, shutdown).await;
+    }
 }
 
 type ResponseBody = UnsyncBoxBody<Bytes, Infallible>;
@@ -467,6 +480,7 @@ enum Endpoint {
     Sse,
     Slow,
     Crash,
+    WebSocket,
     NotFound,
 }
 
@@ -486,6 +500,7 @@ fn classify(method: &Method, path: &str) -> Route {
             ("/sse", _) => Route::Counted(Endpoint::Sse),
             ("/slow", _) => Route::Counted(Endpoint::Slow),
             ("/crash", _) => Route::Counted(Endpoint::Crash),
+            ("/ws", _) => Route::Counted(Endpoint::WebSocket),
             _ => Route::Counted(Endpoint::NotFound),
         }
     } else if method == Method::POST {
@@ -526,6 +541,7 @@ async fn route(
         Endpoint::Sse => sse(query),
         Endpoint::Slow => slow(query).await,
         Endpoint::Crash => crash(control, request.version(), query),
+        Endpoint::WebSocket => websocket::accept(predictor, control, request, query),
         Endpoint::NotFound => error_response(
             StatusCode::NOT_FOUND,
             format!(
@@ -573,6 +589,7 @@ fn stats(predictor: &Predictor) -> Response<ResponseBody> {
         "ready": predictor.is_ready(),
         "requests": predictor.requests.load(Ordering::SeqCst),
         "probes": predictor.probes.load(Ordering::SeqCst),
+        "websockets": predictor.websockets.load(Ordering::SeqCst),
         "sha256": *lock(&predictor.echo_checksums),
         "headers_seen": *lock(&predictor.last_request_headers),
     });
@@ -805,7 +822,7 @@ fn query_u64(query: Option<&str>, name: &str, default: u64, max: u64) -> Result<
     }
 }
 
-/// Returns the request's Host, X-Forwarded-For and X-Forwarded-Proto as the
+/// Returns the request's Host, X-Forwarded-For, X-Forwarded-Proto and HTTP version as the
 /// `x-seen-*` response headers that tests read.
 fn seen_forwarding_headers(request: &Request<Incoming>) -> Vec<(HeaderName, HeaderValue)> {
     let headers = request.headers();
@@ -817,8 +834,11 @@ fn seen_forwarding_headers(request: &Request<Incoming>) -> Vec<(HeaderName, Head
     let forwarded_for = joined_header(headers, &HeaderName::from_static("x-forwarded-for"));
     let forwarded_proto = joined_header(headers, &HeaderName::from_static("x-forwarded-proto"));
 
-    let mut seen = Vec::with_capacity(3);
+    let version = HeaderValue::from_str(&format!("{:?}", request.version())).ok();
+
+    let mut seen = Vec::with_capacity(4);
     for (name, value) in [
+        ("x-seen-version", version),
         ("x-seen-host", host),
         ("x-seen-forwarded-for", forwarded_for),
         ("x-seen-forwarded-proto", forwarded_proto),
@@ -894,4 +914,645 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The `/ws` endpoint: the RFC 6455 handshake, a small frame codec and the echo session.
+///
+/// The codec covers what an echo server needs: masked client frames, 7-, 16- and 64-bit
+/// payload lengths, ping, pong and close. Fragmented messages get close code 1003.
+/// Extensions such as permessage-deflate are never negotiated, so frames with reserved
+/// bits set get close code 1002.
+mod websocket {
+    use std::net::SocketAddr;
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    use base64::engine::general_purpose::STANDARD as BASE64;
+    use base64::Engine as _;
+    use bytes::{Buf, Bytes, BytesMut};
+    use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, UPGRADE};
+    use http::{Request, Response, StatusCode, Version};
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Incoming;
+    use hyper::upgrade::OnUpgrade;
+    use hyper_util::rt::TokioIo;
+    use sha1::{Digest, Sha1};
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+    use tokio::sync::watch;
+    use tokio::time::{sleep_until, Instant};
+
+    use super::{
+        error_response, lock, query_u64, ConnectionControl, Predictor, ResponseBody, LOG_PREFIX,
+    };
+
+    /// Appended to the client's key before hashing (RFC 6455, section 1.3).
+    const ACCEPT_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    const MAX_MESSAGE_BYTES: u64 = 16 * 1024 * 1024;
+    const MAX_CONTROL_PAYLOAD: usize = 125;
+    const MAX_TICKS: u64 = 100_000;
+    const MAX_TICK_INTERVAL_MS: u64 = 60_000;
+    const READ_CHUNK_BYTES: usize = 64 * 1024;
+
+    const OPCODE_CONTINUATION: u8 = 0x0;
+    const OPCODE_TEXT: u8 = 0x1;
+    const OPCODE_BINARY: u8 = 0x2;
+    const OPCODE_CLOSE: u8 = 0x8;
+    const OPCODE_PING: u8 = 0x9;
+    const OPCODE_PONG: u8 = 0xA;
+
+    const CLOSE_NORMAL: u16 = 1000;
+    const CLOSE_GOING_AWAY: u16 = 1001;
+    const CLOSE_PROTOCOL_ERROR: u16 = 1002;
+    const CLOSE_UNSUPPORTED_DATA: u16 = 1003;
+    const CLOSE_INVALID_PAYLOAD: u16 = 1007;
+    const CLOSE_MESSAGE_TOO_BIG: u16 = 1009;
+
+    /// A `/ws` request whose 101 response is being sent. The connection task runs the
+    /// session once hyper hands over the connection.
+    pub(super) struct PendingSession {
+        upgrade: OnUpgrade,
+        ticks: u64,
+        tick_interval_ms: u64,
+    }
+
+    /// Validates the handshake request and returns 101 Switching Protocols, or an error
+    /// response whose message names what the client must fix. Returns 503 while the model
+    /// is loading.
+    pub(super) fn accept(
+        predictor: &Predictor,
+        control: &ConnectionControl,
+        request: Request<Incoming>,
+        query: Option<&str>,
+    ) -> Response<ResponseBody> {
+        if !predictor.is_ready() {
+            let message = "model is still loading; retry /ws after /v2/health/ready returns 200";
+            return error_response(StatusCode::SERVICE_UNAVAILABLE, message.to_owned());
+        }
+        let (ticks, interval_ms) = match tick_parameters(query) {
+            Ok(values) => values,
+            Err(message) => return error_response(StatusCode::BAD_REQUEST, message),
+        };
+        let accept_key = match validate_handshake(&request) {
+            Ok(key) => key,
+            Err(response) => return *response,
+        };
+
+        *lock(&control.websocket) = Some(PendingSession {
+            upgrade: hyper::upgrade::on(request),
+            ticks,
+            tick_interval_ms: interval_ms,
+        });
+        let mut response = Response::new(Full::new(Bytes::new()).boxed_unsync());
+        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let headers = response.headers_mut();
+        headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+        headers.insert(
+            HeaderName::from_static("sec-websocket-accept"),
+            HeaderValue::from_str(&accept_key).expect("base64 text is a valid header value"),
+        );
+        response
+    }
+
+    /// Returns `ticks` and `interval_ms` from the /ws query, defaulting to 0 and 100.
+    fn tick_parameters(query: Option<&str>) -> Result<(u64, u64), String> {
+        let ticks = query_u64(query, "ticks", 0, MAX_TICKS)?;
+        let interval_ms = query_u64(query, "interval_ms", 100, MAX_TICK_INTERVAL_MS)?;
+        Ok((ticks, interval_ms))
+    }
+
+    /// Checks the opening handshake of RFC 6455, section 4.2.1, and returns the
+    /// Sec-WebSocket-Accept value for the client's key.
+    fn validate_handshake(
+        request: &Request<Incoming>,
+    ) -> Result<String, Box<Response<ResponseBody>>> {
+        let bad_request =
+            |message: &str| Box::new(error_response(StatusCode::BAD_REQUEST, message.to_owned()));
+        // WebSocket over HTTP/2 needs extended CONNECT (RFC 8441), which this server lacks.
+        if request.version() != Version::HTTP_11 {
+            return Err(bad_request(
+                "WebSocket requires HTTP/1.1; this server does not support WebSocket over HTTP/2",
+            ));
+        }
+
+        let headers = request.headers();
+        if !has_token(headers, &UPGRADE, "websocket") || !has_token(headers, &CONNECTION, "upgrade")
+        {
+            let mut response = error_response(
+                StatusCode::UPGRADE_REQUIRED,
+                "/ws expects a WebSocket handshake: send Upgrade: websocket and Connection: Upgrade".to_owned(),
+            );
+            response
+                .headers_mut()
+                .insert(UPGRADE, HeaderValue::from_static("websocket"));
+            return Err(Box::new(response));
+        }
+
+        let version = headers
+            .get("sec-websocket-version")
+            .map(HeaderValue::as_bytes);
+        if version != Some(b"13".as_slice()) {
+            let message = match version {
+                None => "missing Sec-WebSocket-Version header; send Sec-WebSocket-Version: 13"
+                    .to_owned(),
+                Some(value) => format!(
+                    "unsupported Sec-WebSocket-Version {:?}; this server supports version 13 only",
+                    String::from_utf8_lossy(value)
+                ),
+            };
+            let mut response = error_response(StatusCode::UPGRADE_REQUIRED, message);
+            response
+                .headers_mut()
+                .insert("sec-websocket-version", HeaderValue::from_static("13"));
+            return Err(Box::new(response));
+        }
+
+        let Some(key) = headers.get("sec-websocket-key") else {
+            return Err(bad_request("missing Sec-WebSocket-Key header"));
+        };
+        let key_is_valid = BASE64
+            .decode(key.as_bytes())
+            .is_ok_and(|nonce| nonce.len() == 16);
+        if !key_is_valid {
+            return Err(bad_request(
+                "invalid Sec-WebSocket-Key: expected 16 random bytes in base64",
+            ));
+        }
+        Ok(accept_key(key.as_bytes()))
+    }
+
+    /// Returns base64(SHA-1(key + GUID)), the value that proves the server read the key.
+    fn accept_key(key: &[u8]) -> String {
+        let mut hasher = Sha1::new();
+        hasher.update(key);
+        hasher.update(ACCEPT_GUID.as_bytes());
+        BASE64.encode(hasher.finalize())
+    }
+
+    /// True when a comma-separated header such as Connection lists `token`, in any case.
+    fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .any(|item| item.trim().eq_ignore_ascii_case(token))
+    }
+
+    /// Runs one WebSocket session on the upgraded connection until either side closes it
+    /// or the process drains.
+    pub(super) async fn run_session(
+        pending: PendingSession,
+        predictor: &Predictor,
+        peer: SocketAddr,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let upgraded = match pending.upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(error) => {
+                eprintln!(
+                    "{LOG_PREFIX} WebSocket upgrade of the connection from {peer} failed: {error}"
+                );
+                return;
+            }
+        };
+        predictor.websockets.fetch_add(1, Ordering::SeqCst);
+        let mut session = Session {
+            io: TokioIo::new(upgraded),
+            buffer: BytesMut::with_capacity(READ_CHUNK_BYTES),
+            ticks: pending.ticks,
+            tick_interval_ms: pending.tick_interval_ms,
+            messages_echoed: 0,
+        };
+        // The receiver is dropped only after the log line below, so the drain's
+        // "all connections finished" line comes last.
+        match session.run(&mut shutdown).await {
+            Ok(reason) => println!(
+                "{LOG_PREFIX} WebSocket from {peer} closed ({reason}) after {} echoed message(s)",
+                session.messages_echoed
+            ),
+            Err(error) => eprintln!(
+                "{LOG_PREFIX} WebSocket from {peer} failed after {} echoed message(s): {error}",
+                session.messages_echoed
+            ),
+        }
+    }
+
+    /// One decoded frame with its payload unmasked.
+    struct Frame {
+        fin: bool,
+        opcode: u8,
+        payload: Bytes,
+    }
+
+    /// A protocol violation by the client: the session sends a close frame with this
+    /// code and reason, then ends.
+    struct Violation {
+        code: u16,
+        reason: String,
+    }
+
+    impl Violation {
+        fn new(code: u16, reason: impl Into<String>) -> Self {
+            Self {
+                code,
+                reason: reason.into(),
+            }
+        }
+    }
+
+    struct Session<T> {
+        io: T,
+        /// Bytes read but not yet decoded. Reading into it with `read_buf` keeps partial
+        /// frames across the `select!` in [`Session::run`], which a `read_exact` would lose.
+        buffer: BytesMut,
+        ticks: u64,
+        tick_interval_ms: u64,
+        messages_echoed: u64,
+    }
+
+    impl<T: AsyncRead + AsyncWrite + Unpin> Session<T> {
+        /// Echoes messages and sends the scheduled ticks. Returns why the session ended,
+        /// or the I/O error that ended it.
+        async fn run(&mut self, shutdown: &mut watch::Receiver<bool>) -> std::io::Result<String> {
+            let first_tick_at = Instant::now();
+            let mut next_tick: u64 = 0;
+            loop {
+                loop {
+                    match decode_frame(&mut self.buffer) {
+                        Ok(Some(frame)) => {
+                            if let Some(reason) = self.handle_frame(frame).await? {
+                                return Ok(reason);
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(violation) => return self.close_for(violation).await,
+                    }
+                }
+
+                // Deadlines from a fixed start keep the tick spacing free of accumulated drift.
+                let tick_due =
+                    first_tick_at + Duration::from_millis(self.tick_interval_ms * next_tick);
+                self.buffer.reserve(READ_CHUNK_BYTES);
+                tokio::select! {
+                    read = self.io.read_buf(&mut self.buffer) => {
+                        if read? == 0 {
+                            return Ok("the client closed the connection without a close frame".to_owned());
+                        }
+                    }
+                    () = sleep_until(tick_due), if next_tick < self.ticks => {
+                        let text = format!("tick {next_tick}");
+                        self.send(OPCODE_TEXT, text.as_bytes()).await?;
+                        next_tick += 1;
+                    }
+                    () = wait_for_drain(shutdown) => {
+                        // NOTE: the server closes the TCP connection right after its close
+                        // frame instead of waiting for the client's close frame.
+                        self.send_close(CLOSE_GOING_AWAY, "server is shutting down").await?;
+                        return Ok("the server is shutting down".to_owned());
+                    }
+                }
+            }
+        }
+
+        /// Echoes a data frame, replies to a ping with a pong, or ends the session for a close
+        /// frame or a protocol violation. Returns the reason when the session ends.
+        async fn handle_frame(&mut self, frame: Frame) -> std::io::Result<Option<String>> {
+            let is_control = frame.opcode & 0x8 != 0;
+            if is_control && (!frame.fin || frame.payload.len() > MAX_CONTROL_PAYLOAD) {
+                let violation = Violation::new(
+                    CLOSE_PROTOCOL_ERROR,
+                    "control frames must be unfragmented with at most 125 payload bytes",
+                );
+                return self.close_for(violation).await.map(Some);
+            }
+            if frame.opcode == OPCODE_CONTINUATION || (!is_control && !frame.fin) {
+                let violation = Violation::new(
+                    CLOSE_UNSUPPORTED_DATA,
+                    "fragmented messages are not supported; send each message in one frame",
+                );
+                return self.close_for(violation).await.map(Some);
+            }
+
+            match frame.opcode {
+                OPCODE_TEXT => {
+                    if std::str::from_utf8(&frame.payload).is_err() {
+                        let violation = Violation::new(
+                            CLOSE_INVALID_PAYLOAD,
+                            "text message is not valid UTF-8",
+                        );
+                        return self.close_for(violation).await.map(Some);
+                    }
+                    self.send(OPCODE_TEXT, &frame.payload).await?;
+                    self.messages_echoed += 1;
+                }
+                OPCODE_BINARY => {
+                    self.send(OPCODE_BINARY, &frame.payload).await?;
+                    self.messages_echoed += 1;
+                }
+                OPCODE_PING => self.send(OPCODE_PONG, &frame.payload).await?,
+                OPCODE_PONG => {}
+                OPCODE_CLOSE => return self.answer_close(&frame.payload).await.map(Some),
+                other => {
+                    let violation =
+                        Violation::new(CLOSE_PROTOCOL_ERROR, format!("unknown opcode {other:#x}"));
+                    return self.close_for(violation).await.map(Some);
+                }
+            }
+            Ok(None)
+        }
+
+        /// Replies to the client's close frame with the same status code, as RFC 6455 section
+        /// 5.5.1 suggests, and closes the connection.
+        async fn answer_close(&mut self, payload: &[u8]) -> std::io::Result<String> {
+            match payload {
+                [] => {
+                    self.send(OPCODE_CLOSE, &[]).await?;
+                    self.io.shutdown().await?;
+                    Ok("the client closed without a status code".to_owned())
+                }
+                [_] => {
+                    let violation = Violation::new(
+                        CLOSE_PROTOCOL_ERROR,
+                        "close frame payload of 1 byte has no valid status code",
+                    );
+                    self.close_for(violation).await
+                }
+                [high, low, reason @ ..] => {
+                    let code = u16::from_be_bytes([*high, *low]);
+                    if !is_valid_close_code(code) {
+                        let violation = Violation::new(
+                            CLOSE_PROTOCOL_ERROR,
+                            format!("close code {code} is reserved or undefined"),
+                        );
+                        return self.close_for(violation).await;
+                    }
+                    self.send(OPCODE_CLOSE, &code.to_be_bytes()).await?;
+                    self.io.shutdown().await?;
+                    let reason = String::from_utf8_lossy(reason);
+                    let kind = if code == CLOSE_NORMAL {
+                        "normal closure"
+                    } else {
+                        "close"
+                    };
+                    Ok(format!("client sent {kind} {code} {reason:?}"))
+                }
+            }
+        }
+
+        async fn close_for(&mut self, violation: Violation) -> std::io::Result<String> {
+            self.send_close(violation.code, &violation.reason).await?;
+            Ok(format!(
+                "closed with code {} because {}",
+                violation.code, violation.reason
+            ))
+        }
+
+        /// Sends a close frame and ends the connection. The reason is cut to fit the
+        /// 125-byte control frame limit.
+        async fn send_close(&mut self, code: u16, reason: &str) -> std::io::Result<()> {
+            let mut payload = code.to_be_bytes().to_vec();
+            let mut end = reason.len().min(MAX_CONTROL_PAYLOAD - 2);
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            payload.extend_from_slice(&reason.as_bytes()[..end]);
+            self.send(OPCODE_CLOSE, &payload).await?;
+            self.io.shutdown().await
+        }
+
+        async fn send(&mut self, opcode: u8, payload: &[u8]) -> std::io::Result<()> {
+            self.io.write_all(&encode_frame(opcode, payload)).await?;
+            self.io.flush().await
+        }
+    }
+
+    /// Resolves once the process drains, at once if it already does. The `watch::Ref`
+    /// stays inside, so callers' futures remain `Send`.
+    async fn wait_for_drain(shutdown: &mut watch::Receiver<bool>) {
+        // An error means the sender is gone, which happens only when the process exits.
+        let _ = shutdown.wait_for(|&draining| draining).await;
+    }
+
+    /// True for the close codes a peer may send: those RFC 6455 (section 7.4) and the IANA
+    /// registry define, and 3000 to 4999. 1004 is reserved, 1005, 1006 and 1015 must never
+    /// be sent, and 1016 to 2999 are kept for future revisions of the protocol.
+    fn is_valid_close_code(code: u16) -> bool {
+        matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+    }
+
+    /// Decodes one frame from the front of `buffer`. Returns `Ok(None)` until the whole
+    /// frame has arrived.
+    fn decode_frame(buffer: &mut BytesMut) -> Result<Option<Frame>, Violation> {
+        let [first, second, ..] = buffer[..] else {
+            return Ok(None);
+        };
+        if first & 0x70 != 0 {
+            return Err(Violation::new(
+                CLOSE_PROTOCOL_ERROR,
+                "reserved bits are set but no extension was negotiated",
+            ));
+        }
+        if second & 0x80 == 0 {
+            return Err(Violation::new(
+                CLOSE_PROTOCOL_ERROR,
+                "client frames must be masked",
+            ));
+        }
+
+        let (length, length_bytes) = match second & 0x7f {
+            126 => match buffer.get(2..4) {
+                Some(bytes) => (u64::from(u16::from_be_bytes([bytes[0], bytes[1]])), 2),
+                None => return Ok(None),
+            },
+            127 => match buffer.get(2..10) {
+                Some(bytes) => (
+                    u64::from_be_bytes(bytes.try_into().expect("slice of 8 bytes")),
+                    8,
+                ),
+                None => return Ok(None),
+            },
+            short => (u64::from(short), 0),
+        };
+        // Checked before waiting for the payload, so a huge declared length is never buffered.
+        if length > MAX_MESSAGE_BYTES {
+            return Err(Violation::new(
+                CLOSE_MESSAGE_TOO_BIG,
+                format!("message of {length} bytes exceeds the limit of {MAX_MESSAGE_BYTES} bytes"),
+            ));
+        }
+        let header_length = 2 + length_bytes + 4;
+        let length = length as usize;
+        if buffer.len() < header_length + length {
+            return Ok(None);
+        }
+
+        let mask: [u8; 4] = buffer[header_length - 4..header_length]
+            .try_into()
+            .expect("slice of 4 bytes");
+        buffer.advance(header_length);
+        let mut payload = buffer.split_to(length);
+        for (index, byte) in payload.iter_mut().enumerate() {
+            *byte ^= mask[index % 4];
+        }
+        Ok(Some(Frame {
+            fin: first & 0x80 != 0,
+            opcode: first & 0x0f,
+            payload: payload.freeze(),
+        }))
+    }
+
+    /// Encodes one unmasked, unfragmented server frame.
+    fn encode_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mut frame = Vec::with_capacity(payload.len() + 10);
+        frame.push(0x80 | opcode);
+        match payload.len() {
+            length if length < 126 => frame.push(length as u8),
+            length if length <= usize::from(u16::MAX) => {
+                frame.push(126);
+                frame.extend_from_slice(&(length as u16).to_be_bytes());
+            }
+            length => {
+                frame.push(127);
+                frame.extend_from_slice(&(length as u64).to_be_bytes());
+            }
+        }
+        frame.extend_from_slice(payload);
+        frame
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// Builds a masked client frame the way a browser would send it.
+        fn client_frame(first_byte: u8, payload: &[u8]) -> BytesMut {
+            let mask = [0x37, 0xfa, 0x21, 0x3d];
+            let mut frame = BytesMut::new();
+            frame.extend_from_slice(&[first_byte]);
+            match payload.len() {
+                length if length < 126 => frame.extend_from_slice(&[0x80 | length as u8]),
+                length if length <= usize::from(u16::MAX) => {
+                    frame.extend_from_slice(&[0x80 | 126]);
+                    frame.extend_from_slice(&(length as u16).to_be_bytes());
+                }
+                length => {
+                    frame.extend_from_slice(&[0x80 | 127]);
+                    frame.extend_from_slice(&(length as u64).to_be_bytes());
+                }
+            }
+            frame.extend_from_slice(&mask);
+            frame.extend(
+                payload
+                    .iter()
+                    .enumerate()
+                    .map(|(index, byte)| byte ^ mask[index % 4]),
+            );
+            frame
+        }
+
+        #[test]
+        fn accept_key_matches_rfc_example() {
+            // The sample handshake of RFC 6455, section 1.3.
+            assert_eq!(
+                accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
+                "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+            );
+        }
+
+        #[test]
+        fn decode_unmasks_all_length_forms() {
+            for length in [0, 5, 125, 126, 300, 65_535, 65_536, 70_000] {
+                let payload: Vec<u8> = (0..length).map(|index| (index % 251) as u8).collect();
+                let mut buffer = client_frame(0x80 | OPCODE_BINARY, &payload);
+                buffer.extend_from_slice(&client_frame(0x80 | OPCODE_PING, b"next"));
+
+                let frame = decode_frame(&mut buffer)
+                    .ok()
+                    .flatten()
+                    .expect("a complete frame");
+                assert_eq!(frame.opcode, OPCODE_BINARY, "length {length}");
+                assert!(frame.fin, "length {length}");
+                assert_eq!(frame.payload, payload, "length {length}");
+                let next = decode_frame(&mut buffer)
+                    .ok()
+                    .flatten()
+                    .expect("the second frame");
+                assert_eq!(next.payload, b"next".as_slice(), "length {length}");
+                assert!(buffer.is_empty(), "length {length}");
+            }
+        }
+
+        #[test]
+        fn decode_waits_for_partial_frames() {
+            let whole = client_frame(0x80 | OPCODE_TEXT, &[b'a'; 300]);
+            for cut in [0, 1, 3, 7, whole.len() - 1] {
+                let mut partial = BytesMut::from(&whole[..cut]);
+                assert!(
+                    matches!(decode_frame(&mut partial), Ok(None)),
+                    "cut at {cut}"
+                );
+                assert_eq!(partial.len(), cut, "cut at {cut} consumed bytes");
+            }
+        }
+
+        #[test]
+        fn decode_rejects_unmasked_oversized_and_reserved_bits() {
+            let mut unmasked = BytesMut::from(&encode_frame(OPCODE_TEXT, b"hi")[..]);
+            assert_eq!(
+                decode_frame(&mut unmasked).err().map(|v| v.code),
+                Some(CLOSE_PROTOCOL_ERROR)
+            );
+
+            let mut reserved = client_frame(0x80 | 0x40 | OPCODE_TEXT, b"hi");
+            assert_eq!(
+                decode_frame(&mut reserved).err().map(|v| v.code),
+                Some(CLOSE_PROTOCOL_ERROR)
+            );
+
+            let mut huge = BytesMut::from(&[0x80 | OPCODE_BINARY, 0x80 | 127][..]);
+            huge.extend_from_slice(&(MAX_MESSAGE_BYTES + 1).to_be_bytes());
+            assert_eq!(
+                decode_frame(&mut huge).err().map(|v| v.code),
+                Some(CLOSE_MESSAGE_TOO_BIG)
+            );
+        }
+
+        #[test]
+        fn encode_uses_shortest_length_form() {
+            assert_eq!(encode_frame(OPCODE_TEXT, b"hi"), [0x81, 2, b'h', b'i']);
+            assert_eq!(
+                encode_frame(OPCODE_BINARY, &[0; 126])[..4],
+                [0x82, 126, 0, 126]
+            );
+            assert_eq!(
+                encode_frame(OPCODE_BINARY, &[0; 65_536])[..10],
+                [0x82, 127, 0, 0, 0, 0, 0, 1, 0, 0]
+            );
+        }
+
+        #[tokio::test]
+        async fn session_rejects_fragments_with_1003() {
+            let (client, server) = tokio::io::duplex(1024);
+            let mut session = Session {
+                io: server,
+                buffer: BytesMut::new(),
+                ticks: 0,
+                tick_interval_ms: 100,
+                messages_echoed: 0,
+            };
+            let (_keep_open, mut shutdown) = watch::channel(false);
+            let (mut client_read, mut client_write) = tokio::io::split(client);
+            client_write
+                .write_all(&client_frame(OPCODE_TEXT, b"first half"))
+                .await
+                .unwrap();
+
+            let reason = session.run(&mut shutdown).await.unwrap();
+            assert!(reason.contains("1003"), "{reason}");
+            let mut answer = Vec::new();
+            client_read.read_to_end(&mut answer).await.unwrap();
+            assert_eq!(answer[..4], [0x80 | OPCODE_CLOSE, answer[1], 0x03, 0xeb]);
+        }
+    }
 }

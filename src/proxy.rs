@@ -532,7 +532,8 @@ impl ProxyHttp for Activator {
             };
             upstream_request.insert_header("x-forwarded-for", forwarded_for)?;
         }
-        upstream_request.insert_header("x-forwarded-proto", "http")?;
+        let over_tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        upstream_request.insert_header("x-forwarded-proto", if over_tls { "https" } else { "http" })?;
         Ok(())
     }
 

@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use pingora_core::apps::{HttpServerOptions, ServerApp};
 use pingora_core::protocols::l4::stream::Stream as L4Stream;
-use pingora_core::protocols::{GetSocketDigest, SocketDigest};
+use pingora_core::protocols::{GetSocketDigest, SocketDigest, Stream};
 use pingora_core::server::configuration::ServerConf;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::backend::kubernetes::cluster::Cluster;
@@ -25,6 +25,7 @@ use crate::metrics::Metrics;
 use crate::proxy::Activator;
 use crate::registry::Registry;
 use crate::service::GlobalBudget;
+use crate::tls::TlsTerminator;
 
 /// The two sockets coldgate serves on.
 pub struct Listeners {
@@ -67,6 +68,7 @@ type Proxy = pingora_proxy::HttpProxy<Activator>;
 /// Hands an accepted client connection to pingora on its own task.
 fn spawn_connection(
     proxy: &Arc<Proxy>,
+    tls: Option<&Arc<TlsTerminator>>,
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
     connections: &Arc<ConnectionCount>,
@@ -83,9 +85,20 @@ fn spawn_connection(
     let guard = ConnectionGuard(connections.clone());
     let proxy = proxy.clone();
     let stop = stop.clone();
+    let tls = tls.cloned();
     tokio::spawn(async move {
         let _guard = guard;
-        proxy.process_new(Box::new(stream), &stop).await;
+        let stream: Stream = match tls {
+            None => Box::new(stream),
+            Some(tls) => match tls.accept(stream).await {
+                Ok(stream) => stream,
+                Err(error) => {
+                    debug!(%peer, %error, "TLS handshake failed");
+                    return;
+                }
+            },
+        };
+        proxy.process_new(stream, &stop).await;
     });
 }
 
@@ -120,6 +133,15 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     proxy.server_options = Some(options);
     let proxy = Arc::new(proxy);
 
+    let tls = match &config.server.tls {
+        Some(tls_config) => {
+            let terminator = TlsTerminator::new(tls_config).map_err(|e| std::io::Error::other(e.to_string()))?;
+            terminator.watch();
+            Some(terminator)
+        }
+        None => None,
+    };
+
     let data_listener = TcpListener::from_std(listeners.data)?;
     let admin_listener = TcpListener::from_std(listeners.admin)?;
     let data_addr = data_listener.local_addr()?;
@@ -140,6 +162,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         data_addr = %data_addr,
         admin_addr = %admin_addr,
         services = config.services.len(),
+        tls = tls.is_some(),
         "listening"
     );
 
@@ -156,7 +179,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
                     continue;
                 }
             };
-            spawn_connection(&proxy, stream, peer, &connections, &stop_receiver);
+            spawn_connection(&proxy, tls.as_ref(), stream, peer, &connections, &stop_receiver);
         }
     };
     tokio::select! {
@@ -172,7 +195,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     let drain_accept = async {
         loop {
             if let Ok((stream, peer)) = data_listener.accept().await {
-                spawn_connection(&proxy, stream, peer, &connections, &stop_receiver);
+                spawn_connection(&proxy, tls.as_ref(), stream, peer, &connections, &stop_receiver);
             }
         }
     };

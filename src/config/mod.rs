@@ -67,6 +67,18 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Number of proxy worker threads, or 0 for one per CPU.
     pub threads: usize,
+    /// TLS on the data listener (`[server.tls]`); plain HTTP when absent.
+    pub tls: Option<TlsConfig>,
+}
+
+/// Certificate and key for TLS termination on the data listener. coldgate reloads both
+/// when either file changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// PEM file with the certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM file with the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
 }
 
 impl Default for ServerConfig {
@@ -81,6 +93,7 @@ impl Default for ServerConfig {
             drain_delay: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(60),
             threads: 0,
+            tls: None,
         }
     }
 }

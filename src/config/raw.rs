@@ -32,6 +32,14 @@ pub(super) struct RawServer {
     pub drain_delay: Option<Spanned<DurationValue>>,
     pub shutdown_grace: Option<Spanned<DurationValue>>,
     pub threads: Option<Spanned<Count>>,
+    pub tls: Option<Spanned<RawTls>>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+pub(super) struct RawTls {
+    pub cert_file: Option<Spanned<String>>,
+    pub key_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -282,7 +290,7 @@ struct TableSchema {
     in_service: bool,
 }
 
-fn schema_tables() -> [TableSchema; 8] {
+fn schema_tables() -> [TableSchema; 9] {
     [
         TableSchema {
             label: "the top level",
@@ -294,6 +302,12 @@ fn schema_tables() -> [TableSchema; 8] {
             label: "[server]",
             key_prefix: "server.",
             fields: struct_fields::<RawServer>(),
+            in_service: false,
+        },
+        TableSchema {
+            label: "[server.tls]",
+            key_prefix: "server.tls.",
+            fields: struct_fields::<RawTls>(),
             in_service: false,
         },
         TableSchema {
@@ -342,7 +356,7 @@ fn schema_tables() -> [TableSchema; 8] {
 /// deserialization.
 pub(super) fn check_unknown_keys(root: &DeTable<'_>, diagnostics: &mut Diagnostics<'_>) {
     let tables = schema_tables();
-    let [top, server, log, defaults, kubernetes, service, process, service_kubernetes] = &tables;
+    let [top, server, server_tls, log, defaults, kubernetes, service, process, service_kubernetes] = &tables;
 
     check_table(root, top, None, &tables, diagnostics);
     for (name, schema) in [
@@ -353,6 +367,11 @@ pub(super) fn check_unknown_keys(root: &DeTable<'_>, diagnostics: &mut Diagnosti
     ] {
         if let Some(DeValue::Table(table)) = root.get(name).map(Spanned::get_ref) {
             check_table(table, schema, None, &tables, diagnostics);
+        }
+    }
+    if let Some(DeValue::Table(server_table)) = root.get("server").map(Spanned::get_ref) {
+        if let Some(DeValue::Table(table)) = server_table.get("tls").map(Spanned::get_ref) {
+            check_table(table, server_tls, None, &tables, diagnostics);
         }
     }
 
@@ -457,7 +476,8 @@ mod tests {
                 "max_total_queued",
                 "drain_delay",
                 "shutdown_grace",
-                "threads"
+                "threads",
+                "tls"
             ]
         );
         assert_eq!(

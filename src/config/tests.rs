@@ -100,6 +100,7 @@ fn full_example_parses() {
             drain_delay: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(60),
             threads: 0,
+            tls: None,
         }
     );
     assert_eq!(
@@ -1615,4 +1616,21 @@ fn protocol_is_validated() {
     let error = parse(&format!("{base}protocol = \"grpc\"\n[service.process]\ncommand = \"x\"\n"), "c.toml").unwrap_err();
     let diagnostic = &error.diagnostics()[0];
     assert_eq!((diagnostic.line, diagnostic.column, diagnostic.key.as_str()), (4, 12, "protocol"));
+}
+
+#[test]
+fn server_tls_table_is_checked() {
+    let config = parse("[server.tls]\ncert_file = \"/etc/tls/tls.crt\"\nkey_file = \"/etc/tls/tls.key\"\n", "c.toml").unwrap();
+    let tls = config.server.tls.expect("tls configured");
+    assert_eq!(tls.cert_file, PathBuf::from("/etc/tls/tls.crt"));
+
+    let error = parse("[server.tls]\ncert_file = \"/etc/tls/tls.crt\"\n", "c.toml").unwrap_err();
+    let diagnostic = &error.diagnostics()[0];
+    assert_eq!(diagnostic.key, "server.tls.key_file");
+    assert_eq!(diagnostic.line, 1);
+
+    let error = parse("[server.tls]\ncert_file = \"a\"\nkey_file = \"b\"\nca_file = \"c\"\n", "c.toml").unwrap_err();
+    let diagnostic = &error.diagnostics()[0];
+    assert_eq!((diagnostic.line, diagnostic.column), (4, 1));
+    assert!(diagnostic.message.contains("[server.tls] accepts cert_file, key_file"), "{}", diagnostic.message);
 }

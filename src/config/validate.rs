@@ -13,12 +13,12 @@ use toml::Spanned;
 use super::duration::format_duration;
 use super::error::{key_segment, Diagnostics, ServiceContext};
 use super::raw::{
-    Count, DurationValue, RawConfig, RawLog, RawProcess, RawServer, RawService,
+    Count, DurationValue, RawConfig, RawTls, RawLog, RawProcess, RawServer, RawService,
     RawServiceKubernetes, RawSettings,
 };
 use super::{
     Backend, Config, KubernetesConfig, LogConfig, LogFormat, ProcessConfig, ServerConfig,
-    ServiceConfig, ServiceSettings, UpstreamProtocol, DEFAULT_STOP_GRACE,
+    ServiceConfig, ServiceSettings, TlsConfig, UpstreamProtocol, DEFAULT_STOP_GRACE,
 };
 
 const MAX_NAME_LEN: usize = 63;
@@ -221,7 +221,31 @@ fn build_server(raw: Option<RawServer>, diagnostics: &mut Diagnostics<'_>) -> Se
             DurationRange::Any,
         ),
         threads: checker.count(raw.threads, "threads", defaults.threads, 0),
+        tls: raw.tls.and_then(|tls| build_tls(tls, &mut checker)),
     }
+}
+
+fn build_tls(raw: Spanned<RawTls>, checker: &mut Checker<'_, '_>) -> Option<TlsConfig> {
+    let header = raw.span();
+    let raw = raw.into_inner();
+    let mut file = |value: Option<Spanned<String>>, key: &str| match value {
+        Some(value) if value.get_ref().trim().is_empty() => {
+            checker.error(value.span(), &format!("tls.{key}"), "empty path; give the PEM file's path".to_owned());
+            None
+        }
+        Some(value) => Some(PathBuf::from(value.into_inner())),
+        None => {
+            checker.error(
+                header.clone(),
+                &format!("tls.{key}"),
+                format!("missing required key; [server.tls] needs {key} = \"/path/to/file.pem\""),
+            );
+            None
+        }
+    };
+    let cert_file = file(raw.cert_file, "cert_file");
+    let key_file = file(raw.key_file, "key_file");
+    Some(TlsConfig { cert_file: cert_file?, key_file: key_file? })
 }
 
 fn build_log(raw: Option<RawLog>, diagnostics: &mut Diagnostics<'_>) -> LogConfig {
