@@ -77,12 +77,12 @@ pub fn main() -> ExitCode {
             let path = file.or(config).expect("clap requires one of the two");
             check_config(&path)
         }
-        Command::Serve { config, log_format } => match config::load(&config) {
+        Command::Serve { config: path, log_format } => match config::load(&path) {
             Ok(loaded) => {
                 for warning in environment_warnings(&loaded) {
                     eprintln!("warning: {warning}");
                 }
-                serve(loaded, log_format)
+                serve(loaded, Some(path), log_format)
             }
             Err(error) => {
                 eprintln!("{error}");
@@ -93,7 +93,7 @@ pub fn main() -> ExitCode {
             match demo_config(&listen, &admin_listen, load_ms, &idle_timeout) {
                 Ok(loaded) => {
                     print_demo_help(&loaded);
-                    serve(loaded, log_format)
+                    serve(loaded, None, log_format)
                 }
                 Err(message) => {
                     eprintln!("{message}");
@@ -182,7 +182,7 @@ fn init_logging(format: LogFormat, filter: &str) {
     };
 }
 
-fn serve(config: Config, log_format: Option<LogFormat>) -> ExitCode {
+fn serve(config: Config, config_path: Option<PathBuf>, log_format: Option<LogFormat>) -> ExitCode {
     init_logging(log_format.unwrap_or(config.log.format), &config.log.filter);
     raise_open_file_limit();
     let threads = match config.server.threads {
@@ -198,7 +198,7 @@ fn serve(config: Config, log_format: Option<LogFormat>) -> ExitCode {
     };
     let result = runtime.block_on(async {
         let listeners = Listeners::bind(config.server.listen, config.server.admin_listen)?;
-        server::run(config, listeners, shutdown_signal()).await
+        server::run(config, config_path, listeners, shutdown_signal()).await
     });
     // Everything is stopped by now; do not wait for idle pooled connections to wind down.
     runtime.shutdown_timeout(std::time::Duration::from_millis(200));

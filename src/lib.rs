@@ -14,6 +14,7 @@ pub mod predictor;
 pub mod probe;
 pub mod proxy;
 pub mod registry;
+pub mod reload;
 pub mod routing;
 pub mod server;
 pub mod service;

@@ -28,6 +28,7 @@ pub struct Metrics {
     pub process_exits: IntCounterVec,
     pub held_requests_total: IntGauge,
     pub kubernetes_api_errors: IntCounterVec,
+    pub config_reloads: IntCounterVec,
     pub leader: IntGauge,
     pub startup_duration: Histogram,
 }
@@ -147,6 +148,14 @@ impl Metrics {
                 &["service", "operation"],
             )
             .unwrap(),
+            config_reloads: IntCounterVec::new(
+                Opts::new(
+                    "coldgate_config_reloads_total",
+                    "Configuration reloads, by outcome (a failure keeps the running configuration)",
+                ),
+                &["outcome"],
+            )
+            .unwrap(),
             leader: IntGauge::new(
                 "coldgate_leader",
                 "1 while this replica holds the leader Lease that allows scaling to zero, else 0",
@@ -160,6 +169,9 @@ impl Metrics {
             registry,
         };
         metrics.register_all();
+        for outcome in ["success", "failure"] {
+            metrics.config_reloads.with_label_values(&[outcome]).inc_by(0);
+        }
         metrics
     }
 
@@ -182,6 +194,7 @@ impl Metrics {
             Box::new(self.held_requests_total.clone()),
             Box::new(self.kubernetes_api_errors.clone()),
             Box::new(self.leader.clone()),
+            Box::new(self.config_reloads.clone()),
             Box::new(self.startup_duration.clone()),
         ];
         for collector in collectors {

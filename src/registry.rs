@@ -18,6 +18,9 @@ use crate::service::{GlobalBudget, Service};
 
 struct Entry {
     service: Arc<Service>,
+    /// The backend table it was built from: a reload keeps the service when this is
+    /// unchanged (process settings may change; they apply from the next start).
+    backend_config: config::Backend,
     /// Kept with its concrete type so a reload can hand it new process settings.
     process: Option<Arc<ProcessBackend>>,
 }
@@ -30,8 +33,9 @@ pub struct Registry {
 
 impl Registry {
     /// Builds a snapshot for `config`, reusing the services of `previous` that keep their
-    /// name. Services dropped from the configuration are returned so the caller can stop
-    /// them once they are quiet.
+    /// name and their kind of backend (and, for Kubernetes, the same Deployment).
+    /// Services that are dropped or replaced are returned so the caller can stop them once
+    /// they are quiet.
     pub fn build(
         config: &Config,
         previous: Option<&Registry>,
@@ -40,37 +44,23 @@ impl Registry {
         metrics: &Metrics,
     ) -> (Registry, Vec<Arc<Service>>) {
         let mut entries = Vec::with_capacity(config.services.len());
+        let mut reused = Vec::new();
         for service_config in &config.services {
-            let reused = previous.and_then(|p| p.entry(&service_config.name));
-            let entry = match (reused, &service_config.backend) {
-                (Some(old), config::Backend::Process(process)) if old.process.is_some() => {
+            let old = previous.and_then(|p| p.entry(&service_config.name));
+            let entry = match old.filter(|old| can_reuse(&old.backend_config, &service_config.backend)) {
+                Some(old) => {
                     old.service.update_settings(service_config);
-                    if let Some(backend) = &old.process {
+                    if let (Some(backend), config::Backend::Process(process)) = (&old.process, &service_config.backend) {
                         backend.update(process.clone());
                     }
-                    Entry { service: old.service.clone(), process: old.process.clone() }
+                    reused.push(old.service.name.clone());
+                    Entry {
+                        service: old.service.clone(),
+                        backend_config: service_config.backend.clone(),
+                        process: old.process.clone(),
+                    }
                 }
-                (_, config::Backend::Process(process)) => {
-                    let backend = Arc::new(ProcessBackend::new(
-                        &service_config.name,
-                        process.clone(),
-                        metrics.process_exits.clone(),
-                    ));
-                    let service =
-                        Service::start(service_config, backend.clone() as Arc<dyn Backend>, budget.clone(), metrics);
-                    Entry { service, process: Some(backend) }
-                }
-                (_, config::Backend::Kubernetes(kubernetes)) => {
-                    let cluster = cluster.expect("the Kubernetes client is connected before services that need it");
-                    let backend = Arc::new(KubernetesBackend::new(
-                        cluster.clone(),
-                        &service_config.name,
-                        kubernetes,
-                        metrics.kubernetes_api_errors.clone(),
-                    ));
-                    let service = Service::start(service_config, backend as Arc<dyn Backend>, budget.clone(), metrics);
-                    Entry { service, process: None }
-                }
+                None => new_entry(service_config, cluster, budget, metrics),
             };
             entries.push(entry);
         }
@@ -85,7 +75,7 @@ impl Registry {
             .map(|p| {
                 p.entries
                     .iter()
-                    .filter(|e| !by_name.contains_key(e.service.name.as_ref()))
+                    .filter(|e| !reused.contains(&e.service.name))
                     .map(|e| e.service.clone())
                     .collect()
             })
@@ -104,5 +94,41 @@ impl Registry {
 
     pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
         self.entries.iter().map(|e| &e.service)
+    }
+}
+
+/// A service survives a reload when its backend keeps its kind and, for Kubernetes, its
+/// Deployment, Service and port; anything else needs a new backend.
+fn can_reuse(old: &config::Backend, new: &config::Backend) -> bool {
+    match (old, new) {
+        (config::Backend::Process(_), config::Backend::Process(_)) => true,
+        (config::Backend::Kubernetes(old), config::Backend::Kubernetes(new)) => old == new,
+        _ => false,
+    }
+}
+
+fn new_entry(
+    service_config: &config::ServiceConfig,
+    cluster: Option<&Arc<Cluster>>,
+    budget: &Arc<GlobalBudget>,
+    metrics: &Metrics,
+) -> Entry {
+    match &service_config.backend {
+        config::Backend::Process(process) => {
+            let backend = Arc::new(ProcessBackend::new(&service_config.name, process.clone(), metrics.process_exits.clone()));
+            let service = Service::start(service_config, backend.clone() as Arc<dyn Backend>, budget.clone(), metrics);
+            Entry { service, backend_config: service_config.backend.clone(), process: Some(backend) }
+        }
+        config::Backend::Kubernetes(kubernetes) => {
+            let cluster = cluster.expect("the Kubernetes client is connected before services that need it");
+            let backend = Arc::new(KubernetesBackend::new(
+                cluster.clone(),
+                &service_config.name,
+                kubernetes,
+                metrics.kubernetes_api_errors.clone(),
+            ));
+            let service = Service::start(service_config, backend as Arc<dyn Backend>, budget.clone(), metrics);
+            Entry { service, backend_config: service_config.backend.clone(), process: None }
+        }
     }
 }

@@ -5,6 +5,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,6 +25,7 @@ use crate::config::{format_duration, Config};
 use crate::metrics::Metrics;
 use crate::proxy::Activator;
 use crate::registry::Registry;
+use crate::reload::Reloader;
 use crate::service::GlobalBudget;
 use crate::tls::TlsTerminator;
 
@@ -105,7 +107,14 @@ fn spawn_connection(
 /// Serves until `shutdown` resolves, then drains: `/readyz` fails at once, the listener
 /// closes after `drain_delay`, open requests (held ones included) get up to
 /// `shutdown_grace` to finish, and finally every started instance is stopped.
-pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+///
+/// With `config_path`, the configuration is reloaded when that file changes or on SIGHUP.
+pub async fn run(
+    config: Config,
+    config_path: Option<PathBuf>,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
     let started = Instant::now();
     let metrics = Arc::new(Metrics::new());
     let budget = Arc::new(GlobalBudget::new(config.server.max_total_queued, metrics.held_requests_total.clone()));
@@ -121,6 +130,11 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     };
     let (registry, _) = Registry::build(&config, None, cluster.as_ref(), &budget, &metrics);
     let registry = Arc::new(ArcSwap::from_pointee(registry));
+    let reloader = config_path.map(|path| {
+        let reloader = Reloader::new(path, config.clone(), registry.clone(), cluster.clone(), budget.clone(), metrics.clone());
+        reloader.start();
+        reloader
+    });
 
     let mut server_conf = ServerConf::default();
     server_conf.threads = config.server.threads.max(1);
@@ -188,7 +202,12 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     }
 
     // Drain.
-    info!(drain_delay = %format_duration(config.server.drain_delay), "shutdown requested; /readyz now fails");
+    // Reloads may have changed the drain settings since start-up.
+    let (drain_delay, shutdown_grace) = match &reloader {
+        Some(reloader) => reloader.drain_settings(),
+        None => (config.server.drain_delay, config.server.shutdown_grace),
+    };
+    info!(drain_delay = %format_duration(drain_delay), "shutdown requested; /readyz now fails");
     admin_state.accepting.store(false, Ordering::Release);
     // Keep accepting during the drain delay so clients routed here before load balancers
     // notice /readyz still get served.
@@ -199,13 +218,13 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
             }
         }
     };
-    let _ = tokio::time::timeout(config.server.drain_delay, drain_accept).await;
+    let _ = tokio::time::timeout(drain_delay, drain_accept).await;
     drop(data_listener);
     let _ = stop_sender.send(true);
     proxy.cleanup().await;
     info!(
         open_connections = connections.open.load(Ordering::Acquire),
-        grace = %format_duration(config.server.shutdown_grace),
+        grace = %format_duration(shutdown_grace),
         "listener closed; waiting for open requests"
     );
 
@@ -218,15 +237,18 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
             closed.await;
         }
     };
-    if tokio::time::timeout(config.server.shutdown_grace, wait_for_connections).await.is_err() {
+    if tokio::time::timeout(shutdown_grace, wait_for_connections).await.is_err() {
         warn!(
             open_connections = connections.open.load(Ordering::Acquire),
             "shutdown_grace passed with requests still open; closing them"
         );
     }
 
-    // Stop every instance coldgate started.
-    let services: Vec<_> = registry.load().services().cloned().collect();
+    // Stop every instance coldgate started, including services that a reload removed.
+    let mut services: Vec<_> = registry.load().services().cloned().collect();
+    if let Some(reloader) = &reloader {
+        services.extend(reloader.draining());
+    }
     futures::future::join_all(services.iter().map(|s| s.shut_down())).await;
     if let Some(cluster) = &cluster {
         cluster.release().await;

@@ -77,6 +77,10 @@ impl GlobalBudget {
         GlobalBudget { held: AtomicUsize::new(0), max: AtomicUsize::new(max), gauge }
     }
 
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
+    }
+
     pub fn held(&self) -> usize {
         self.held.load(Ordering::Relaxed)
     }
@@ -388,7 +392,7 @@ impl Service {
     }
 
     /// Returns true when the service has in-flight or held requests.
-    fn is_busy(&self) -> bool {
+    pub fn has_requests(&self) -> bool {
         let st = self.state.lock();
         st.in_flight > 0 || !st.queue.is_empty()
     }
@@ -945,7 +949,7 @@ impl EndpointEvents {
     /// Returns true while the service has requests in flight or held; false once the
     /// service is gone.
     pub fn is_busy(&self) -> bool {
-        self.service.upgrade().is_some_and(|s| s.is_busy())
+        self.service.upgrade().is_some_and(|s| s.has_requests())
     }
 }
 
