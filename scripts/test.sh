@@ -5,6 +5,8 @@
 #     model server (scripts/setup-venv.sh; skipped when it is already up to date).
 #   - kubectl's kustomize and a small venv with kubernetes-validate, to build and validate
 #     the manifests in deploy/ (scripts/check-deploy.sh).
+#   - Debian's prometheus package, to check the alert rules with promtool and to run every
+#     dashboard query against a live coldgate (scripts/check-monitoring.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,5 +14,6 @@ scripts/install-build-deps.sh
 scripts/setup-venv.sh .venv-kserve
 export COLDGATE_KSERVE_PYTHON="$PWD/.venv-kserve/bin/python"
 scripts/check-deploy.sh
+scripts/check-monitoring.sh
 
 cargo test --locked --all-targets "$@"

@@ -170,8 +170,10 @@ fn command_exists(command: &str, working_dir: Option<&Path>) -> bool {
 
 fn init_logging(format: LogFormat, filter: &str) {
     // RUST_LOG, when set, wins over the configuration so operators can debug without edits.
+    // kube's client logs every failed API request at ERROR, several per second while the
+    // API is unreachable; coldgate logs those failures itself, once per distinct error.
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(filter))
+        .or_else(|_| EnvFilter::try_new(format!("{filter},kube_client::client::builder=off")))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     // Colour codes only make sense on a terminal, not in a file or a log collector.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());

@@ -6,7 +6,7 @@
 //! Deployment are watched for containers stuck in back-off (CrashLoopBackOff,
 //! ImagePullBackOff), so held requests fail at once instead of at their deadline.
 //!
-//! kube-runtime's watcher re-lists after errors and after `410 Gone`, with backoff; while
+//! kube-runtime's watcher re-lists after errors and after `410 Gone`, with a short backoff; while
 //! the API is unreachable the last known endpoints stay in use, so warm services keep
 //! serving.
 
@@ -21,6 +21,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::Api;
+use kube::runtime::utils::Backoff;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Client, ResourceExt};
@@ -38,6 +39,38 @@ const STUCK_REASONS: &[&str] = &[
     "CreateContainerConfigError",
     "CreateContainerError",
 ];
+
+/// Retry delays of a failed watch: doubling from 250 ms to at most 3 s. kube-runtime's
+/// default goes up to 30 s, which after an API outage would leave coldgate blind to new
+/// pods for up to half a minute after the API is back.
+struct WatchBackoff {
+    next: Duration,
+}
+
+const WATCH_RETRY_START: Duration = Duration::from_millis(250);
+const WATCH_RETRY_MAX: Duration = Duration::from_secs(3);
+
+impl WatchBackoff {
+    fn new() -> Self {
+        WatchBackoff { next: WATCH_RETRY_START }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let delay = self.next;
+        self.next = (self.next * 2).min(WATCH_RETRY_MAX);
+        Some(delay)
+    }
+}
+
+impl Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = WATCH_RETRY_START;
+    }
+}
 
 /// What the EndpointSlice watch last saw, shared with the scale-down check.
 #[derive(Default)]
@@ -59,7 +92,7 @@ pub fn watch_endpoint_slices(
         let api: Api<EndpointSlice> = Api::namespaced(client, &namespace);
         let selector = format!("kubernetes.io/service-name={k8s_service}");
         let mut stream = watcher::watcher(api, watcher::Config::default().labels(&selector))
-            .default_backoff()
+            .backoff(WatchBackoff::new())
             .boxed();
         let mut slices: BTreeMap<String, EndpointSlice> = BTreeMap::new();
         let mut relisting: Option<BTreeMap<String, EndpointSlice>> = None;
@@ -170,7 +203,7 @@ pub fn watch_pods(client: Client, namespace: String, deployment: String, events:
         };
         let api: Api<Pod> = Api::namespaced(client, &namespace);
         let mut stream = watcher::watcher(api, watcher::Config::default().labels(&selector))
-            .default_backoff()
+            .backoff(WatchBackoff::new())
             .boxed();
         let mut pods: HashMap<String, Pod> = HashMap::new();
         let mut relisting: Option<HashMap<String, Pod>> = None;
