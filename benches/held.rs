@@ -42,7 +42,14 @@ async fn queue_depth(admin: SocketAddr) -> u64 {
 }
 
 fn main() {
-    let count: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(1000);
+    // `cargo bench` passes --bench; `cargo test --all-targets` does not, and then this runs
+    // as a quick smoke test with fewer requests (its figures are not benchmark results).
+    let benchmarking = std::env::args().any(|a| a == "--bench");
+    let default_count = if benchmarking { 1000 } else { 100 };
+    let count: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(default_count);
+    if !benchmarking {
+        println!("smoke run with {count} requests (debug build); use `cargo bench --bench held` for figures");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     runtime.block_on(run(count));
 }
