@@ -11,6 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/install-build-deps.sh
+# Headless Chromium renders the admin status page in tests/admin.rs.
+command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 scripts/setup-venv.sh .venv-kserve
 export COLDGATE_KSERVE_PYTHON="$PWD/.venv-kserve/bin/python"
 scripts/check-deploy.sh

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod backend;
 pub mod cli;
 pub mod config;
+pub mod keep_warm;
 pub mod metrics;
 pub mod predictor;
 pub mod probe;

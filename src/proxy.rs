@@ -208,7 +208,7 @@ impl Activator {
             Admission::Rejected(error) => {
                 let reason = if error == AdmitError::QueueFull { "queue_full" } else { "global_limit" };
                 self.metrics.queue_rejections.with_label_values(&[&service.name, reason]).inc();
-                let retry_after = retry_after_seconds(&service);
+                let retry_after = service.retry_after(Duration::ZERO);
                 return Ok(Some(Rejection::Admit { service: service.name.clone(), error, retry_after }));
             }
             Admission::Queued(waiter) => waiter,
@@ -233,7 +233,7 @@ impl Activator {
                 Ok(None)
             }
             Some(Err(error)) => {
-                let retry_after = retry_after_seconds(&service);
+                let retry_after = service.retry_after(ctx.arrived.elapsed());
                 Ok(Some(Rejection::Admit { service: service.name.clone(), error, retry_after }))
             }
             None => {
@@ -254,15 +254,6 @@ impl Activator {
             }
             ctx.buffered = 0;
         }
-    }
-}
-
-/// Estimates when a rejected client should retry: about one cold start while the service
-/// is starting, one second otherwise.
-fn retry_after_seconds(service: &Service) -> u64 {
-    match service.cold_start_estimate() {
-        Some(duration) => duration.as_secs_f64().ceil().clamp(1.0, 300.0) as u64,
-        None => 1,
     }
 }
 

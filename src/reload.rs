@@ -201,6 +201,10 @@ fn warn_about_restart_only_changes(old: &Config, new: &Config) {
         ("server.admin_listen", old.server.admin_listen != new.server.admin_listen),
         ("server.threads", old.server.threads != new.server.threads),
         ("server.tls", old.server.tls != new.server.tls),
+        (
+            "server.admin_token",
+            old.server.admin_token != new.server.admin_token || old.server.admin_token_file != new.server.admin_token_file,
+        ),
         ("log", old.log != new.log),
         ("kubernetes", old.kubernetes != new.kubernetes),
     ];

@@ -168,8 +168,10 @@ pub async fn run(
         accepting: AtomicBool::new(true),
         started,
         version: env!("CARGO_PKG_VERSION"),
+        auth: admin::AdminAuth::from_config(&config.server)?,
     });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state.clone(), stop_receiver.clone()));
+    tokio::spawn(crate::keep_warm::run(registry.clone(), stop_receiver.clone()));
 
     metrics.startup_duration.observe(started.elapsed().as_secs_f64());
     info!(

@@ -29,6 +29,9 @@ use crate::config::{ServiceConfig, ServiceSettings, UpstreamProtocol};
 use crate::metrics::Metrics;
 use crate::probe;
 
+/// `Retry-After` for a service that has never finished a cold start.
+pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(5);
+
 /// Where a service is in its life cycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -366,14 +369,31 @@ impl Service {
         }
     }
 
-    /// Returns the last cold-start duration while the service is not serving, as an estimate
-    /// of how long a new request would wait.
-    pub fn cold_start_estimate(&self) -> Option<Duration> {
-        let st = self.state.lock();
-        if st.phase == Phase::Serving {
-            return None;
+    /// Returns how many seconds a rejected client should wait before retrying (the value of
+    /// `Retry-After`), from this service's recent cold starts: the median of the last five,
+    /// minus how long the current start (or the request itself, `waited`) has already
+    /// taken. A serving service answers 1: its queue is full only because its instances
+    /// are busy, and they free up request by request. Without any cold start to go by,
+    /// the estimate is [`DEFAULT_RETRY_AFTER`]. The result is between 1 and 300 seconds.
+    pub fn retry_after(&self, waited: Duration) -> u64 {
+        let (phase, activation_elapsed, last) = {
+            let st = self.state.lock();
+            (st.phase, st.activation_started.map(|t| t.elapsed()), st.last_cold_start)
+        };
+        if phase == Phase::Serving {
+            return 1;
         }
-        st.last_cold_start
+        let mut recent: Vec<f64> = self.recent_cold_starts().iter().rev().take(5).map(|c| c.seconds).collect();
+        recent.sort_by(|a, b| a.total_cmp(b));
+        let typical = match recent.get(recent.len() / 2) {
+            Some(&median) => Duration::from_secs_f64(median),
+            None => last.unwrap_or(DEFAULT_RETRY_AFTER),
+        };
+        let spent = match phase {
+            Phase::Activating => activation_elapsed.unwrap_or_default().max(waited),
+            _ => waited,
+        };
+        typical.saturating_sub(spent).as_secs_f64().ceil().clamp(1.0, 300.0) as u64
     }
 
     /// Stops the backend for good: used at shutdown, after held and in-flight requests had
@@ -629,6 +649,7 @@ impl Service {
         if st.phase == Phase::Activating && st.activation_id == activation_id {
             let elapsed = st.activation_started.map(|t| t.elapsed()).unwrap_or_default();
             st.last_cold_start = Some(elapsed);
+            self.record_cold_start(elapsed);
             self.metrics.cold_start.observe(elapsed.as_secs_f64());
             self.metrics.activation_success.inc();
             info!(
@@ -722,6 +743,10 @@ impl Service {
     }
 
     async fn scale_down_if_idle(self: Arc<Self>) {
+        if self.in_keep_warm_window() {
+            self.postpone_scale_down("a keep_warm window is open");
+            return;
+        }
         let idle_timeout = self.state.lock().settings.idle_timeout;
         if let Err(reason) = self.backend.scale_down_check(idle_timeout).await {
             self.postpone_scale_down(&reason);
@@ -794,6 +819,90 @@ impl Service {
         } else {
             info!(service = %self.name, "scaled to zero");
         }
+    }
+
+    // ---- warm-up, keep-warm windows, cold-start history -----------------------------
+    // Used by the admin API and src/keep_warm.rs.
+
+    /// Starts an instance ahead of traffic through the same activation as a held request,
+    /// with nothing held. A service that is scaling down starts again once the scale-down
+    /// has finished.
+    pub fn warm(self: &Arc<Self>) -> crate::keep_warm::WarmOutcome {
+        use crate::keep_warm::WarmOutcome;
+        if self.closed.load(Ordering::Acquire) {
+            return WarmOutcome::Closed;
+        }
+        // Counts as traffic, so that other coldgate replicas (Kubernetes backend) do not
+        // scale the warmed service straight back down.
+        self.backend.record_activity();
+        let mut st = self.state.lock();
+        match st.phase {
+            Phase::Idle => {
+                self.begin_activation_locked(&mut st);
+                WarmOutcome::Started
+            }
+            Phase::ScalingDown => {
+                drop(st);
+                self.warm_after_scale_down();
+                WarmOutcome::AfterScaleDown
+            }
+            Phase::Activating | Phase::Serving => WarmOutcome::AlreadyRunning(st.phase.as_str()),
+        }
+    }
+
+    /// Activates the service once the running scale-down has finished. `finish_scale_down`
+    /// restarts only for held requests and a warm-up leaves the queue empty, so this polls
+    /// the phase.
+    fn warm_after_scale_down(self: &Arc<Self>) {
+        const POLL_INTERVAL: Duration = Duration::from_millis(50);
+        // Longer than any stop_grace or Kubernetes scale-down that coldgate waits for.
+        const GIVE_UP_AFTER: Duration = Duration::from_secs(600);
+        let service = self.clone();
+        tokio::spawn(async move {
+            let give_up_at = Instant::now() + GIVE_UP_AFTER;
+            loop {
+                tokio::time::sleep(POLL_INTERVAL).await;
+                let finished = {
+                    let mut st = service.state.lock();
+                    match st.phase {
+                        Phase::ScalingDown => false,
+                        Phase::Idle => {
+                            service.begin_activation_locked(&mut st);
+                            true
+                        }
+                        Phase::Activating | Phase::Serving => true,
+                    }
+                };
+                if finished {
+                    return;
+                }
+                if Instant::now() >= give_up_at {
+                    warn!(service = %service.name, "scale-down did not finish within 10 minutes; warm-up dropped");
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Returns the keep-warm windows from the current settings.
+    pub fn keep_warm_schedule(&self) -> crate::keep_warm::KeepWarmSchedule {
+        self.state.lock().settings.keep_warm.clone()
+    }
+
+    /// Returns true while one of the service's keep_warm windows is open, so the idle
+    /// watcher must not scale the service to zero.
+    pub fn in_keep_warm_window(&self) -> bool {
+        self.keep_warm_schedule().in_keep_warm_window(jiff::Timestamp::now())
+    }
+
+    /// Adds a cold start to the history that `/status` shows.
+    pub fn record_cold_start(&self, elapsed: Duration) {
+        crate::admin::history::record(&self.name, elapsed);
+    }
+
+    /// Returns the most recent cold starts, oldest first.
+    pub fn recent_cold_starts(&self) -> Vec<crate::admin::history::ColdStart> {
+        crate::admin::history::recent(&self.name)
     }
 }
 
@@ -1076,6 +1185,24 @@ mod tests {
         }
         assert_eq!(service.status().state, "idle");
         assert_eq!(budget.held(), 0);
+    }
+
+    #[tokio::test]
+    async fn retry_after_follows_recent_cold_starts() {
+        let text = "[[service]]\nname = \"retry-after-unit\"\nhosts = [\"r.local\"]\n[service.process]\ncommand = \"true\"\n";
+        let config = crate::config::parse(text, "test.toml").unwrap();
+        let metrics = Metrics::new();
+        let budget = Arc::new(GlobalBudget::new(10, metrics.held_requests_total.clone()));
+        let service = Service::start(&config.services[0], Arc::new(CountingBackend::default()), budget, &metrics);
+        let _held = queued(service.admit());
+
+        assert_eq!(service.retry_after(Duration::ZERO), DEFAULT_RETRY_AFTER.as_secs(), "no history yet");
+        for seconds in [18, 20, 40] {
+            service.record_cold_start(Duration::from_secs(seconds));
+        }
+        assert_eq!(service.retry_after(Duration::ZERO), 20, "the median of recent cold starts");
+        assert_eq!(service.retry_after(Duration::from_secs(8)), 12, "minus what the request already waited");
+        assert_eq!(service.retry_after(Duration::from_secs(60)), 1, "never below one second");
     }
 
     #[test]

@@ -34,6 +34,7 @@ use toml::de::DeTable;
 pub use duration::{format_duration, parse_duration, DurationError};
 pub use error::{ConfigError, Diagnostic};
 
+use crate::keep_warm::KeepWarmSchedule;
 use error::Diagnostics;
 use raw::RawConfig;
 
@@ -57,7 +58,8 @@ pub struct Config {
 pub struct ServerConfig {
     /// Address of the proxy port that clients send inference requests to.
     pub listen: SocketAddr,
-    /// Address of the admin port that serves /metrics, /healthz, /readyz and /status.
+    /// Address of the admin port that serves /metrics, /healthz, /readyz, /status, the
+    /// status page and the admin actions.
     pub admin_listen: SocketAddr,
     /// Maximum number of requests held across all services, at least 1.
     pub max_total_queued: usize,
@@ -69,7 +71,37 @@ pub struct ServerConfig {
     pub threads: usize,
     /// TLS on the data listener (`[server.tls]`); plain HTTP when absent.
     pub tls: Option<TlsConfig>,
+    /// Bearer token for admin actions such as warming a service, written inline. At least
+    /// 16 characters. `admin_token_file` wins when both are set.
+    pub admin_token: Option<Secret>,
+    /// File whose content (without surrounding whitespace) is the admin token, read once at
+    /// start-up. Not empty.
+    pub admin_token_file: Option<PathBuf>,
 }
+
+/// A string that must not appear in logs: `Debug` prints a placeholder instead.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: String) -> Self {
+        Secret(value)
+    }
+
+    /// Returns the secret itself, for comparison.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("Secret(..)")
+    }
+}
+
+/// Minimum length of an admin token, so that a guessable word is rejected.
+pub const MIN_ADMIN_TOKEN_LEN: usize = 16;
 
 /// Certificate and key for TLS termination on the data listener. coldgate reloads both
 /// when either file changes.
@@ -94,6 +126,8 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(60),
             threads: 0,
             tls: None,
+            admin_token: None,
+            admin_token_file: None,
         }
     }
 }
@@ -146,6 +180,9 @@ pub struct ServiceSettings {
     pub probe_timeout: Duration,
     /// Timeout of a TCP connect to an instance. Above 0.
     pub connect_timeout: Duration,
+    /// Weekly windows during which the service is started ahead of traffic and not scaled
+    /// to zero. Empty by default.
+    pub keep_warm: KeepWarmSchedule,
 }
 
 impl Default for ServiceSettings {
@@ -159,6 +196,7 @@ impl Default for ServiceSettings {
             probe_interval: Duration::from_millis(10),
             probe_timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(2),
+            keep_warm: KeepWarmSchedule::default(),
         }
     }
 }

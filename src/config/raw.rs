@@ -33,6 +33,8 @@ pub(super) struct RawServer {
     pub shutdown_grace: Option<Spanned<DurationValue>>,
     pub threads: Option<Spanned<Count>>,
     pub tls: Option<Spanned<RawTls>>,
+    pub admin_token: Option<Spanned<String>>,
+    pub admin_token_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -73,6 +75,7 @@ pub(super) struct RawSettings {
     pub probe_interval: Option<Spanned<DurationValue>>,
     pub probe_timeout: Option<Spanned<DurationValue>>,
     pub connect_timeout: Option<Spanned<DurationValue>>,
+    pub keep_warm: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 // The settings keys are written out again instead of `#[serde(flatten)]`, because serde
@@ -93,6 +96,7 @@ pub(super) struct RawService {
     pub probe_interval: Option<Spanned<DurationValue>>,
     pub probe_timeout: Option<Spanned<DurationValue>>,
     pub connect_timeout: Option<Spanned<DurationValue>>,
+    pub keep_warm: Option<Spanned<Vec<Spanned<String>>>>,
     pub process: Option<Spanned<RawProcess>>,
     pub kubernetes: Option<Spanned<RawServiceKubernetes>>,
 }
@@ -109,6 +113,7 @@ impl RawService {
             probe_interval: self.probe_interval.clone(),
             probe_timeout: self.probe_timeout.clone(),
             connect_timeout: self.connect_timeout.clone(),
+            keep_warm: self.keep_warm.clone(),
         }
     }
 }
@@ -477,7 +482,9 @@ mod tests {
                 "drain_delay",
                 "shutdown_grace",
                 "threads",
-                "tls"
+                "tls",
+                "admin_token",
+                "admin_token_file"
             ]
         );
         assert_eq!(

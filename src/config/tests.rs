@@ -101,6 +101,8 @@ fn full_example_parses() {
             shutdown_grace: Duration::from_secs(60),
             threads: 0,
             tls: None,
+            admin_token: None,
+            admin_token_file: None,
         }
     );
     assert_eq!(
@@ -1633,4 +1635,126 @@ fn server_tls_table_is_checked() {
     let diagnostic = &error.diagnostics()[0];
     assert_eq!((diagnostic.line, diagnostic.column), (4, 1));
     assert!(diagnostic.message.contains("[server.tls] accepts cert_file, key_file"), "{}", diagnostic.message);
+}
+
+#[test]
+fn keep_warm_windows_parse_and_inherit() {
+    let text = r#"[defaults]
+keep_warm = ["Mon-Fri 08:00-18:00 Europe/Berlin"]
+
+[[service]]
+name = "iris"
+hosts = ["iris.models.local"]
+[service.process]
+command = "python3"
+
+[[service]]
+name = "night"
+hosts = ["night.models.local"]
+keep_warm = ["Fri 22:00-02:00 UTC", "Sat, Sun 10:00-12:00 UTC"]
+[service.process]
+command = "python3"
+
+[[service]]
+name = "never"
+hosts = ["never.models.local"]
+keep_warm = []
+[service.process]
+command = "python3"
+"#;
+    let config = parse(text, "config.toml").unwrap();
+    let texts = |settings: &ServiceSettings| -> Vec<String> {
+        settings.keep_warm.windows().iter().map(|w| w.as_str().to_owned()).collect()
+    };
+    assert_eq!(texts(&config.defaults), ["Mon-Fri 08:00-18:00 Europe/Berlin"]);
+    assert_eq!(texts(&config.services[0].settings), ["Mon-Fri 08:00-18:00 Europe/Berlin"], "inherited");
+    assert_eq!(
+        texts(&config.services[1].settings),
+        ["Fri 22:00-02:00 UTC", "Sat, Sun 10:00-12:00 UTC"],
+        "a service's list replaces the defaults"
+    );
+    assert!(config.services[2].settings.keep_warm.is_empty(), "an empty list turns keep_warm off");
+}
+
+#[test]
+fn keep_warm_invalid_window_located() {
+    let text = r#"[[service]]
+name = "iris"
+hosts = ["iris.models.local"]
+keep_warm = ["Mon-Fri 08:00-18:00 UTC", "Mon-Fry 08:00-18:00 UTC"]
+[service.process]
+command = "python3"
+"#;
+    let diagnostic = assert_rejected(text, 4, 41, "keep_warm[1]", "unknown day \"Fry\"");
+    assert!(diagnostic.to_string().starts_with("config.toml:4:41: service \"iris\": keep_warm[1]: invalid keep_warm window"), "{diagnostic}");
+}
+
+#[test]
+fn keep_warm_every_invalid_window_reported() {
+    let text = r#"[defaults]
+keep_warm = ["Mon-Fri 08:00-18:00 Mars/Olympus", "Mon 08:00-18:00", "Mon 09:00-09:00 UTC"]
+"#;
+    let error = parse(text, "config.toml").unwrap_err();
+    let diagnostics = error.diagnostics();
+    assert_eq!(diagnostics.len(), 3, "{error}");
+    assert_eq!(diagnostics[0].key, "defaults.keep_warm[0]");
+    assert!(diagnostics[0].message.contains("unknown time zone \"Mars/Olympus\""), "{error}");
+    assert_eq!((diagnostics[1].line, diagnostics[1].column), (2, 50));
+    assert!(diagnostics[1].message.contains("missing time zone"), "{error}");
+    assert!(diagnostics[2].message.contains("for a whole day write \"00:00-24:00\""), "{error}");
+}
+
+#[test]
+fn keep_warm_must_be_list_of_strings() {
+    let text = "[defaults]\nkeep_warm = \"Mon-Fri 08:00-18:00 UTC\"\n";
+    let diagnostic = single_diagnostic(text);
+    assert_eq!(diagnostic.key, "defaults.keep_warm");
+    assert!(diagnostic.message.contains("expected an array"), "{diagnostic}");
+}
+
+#[test]
+fn admin_token_keys_parse() {
+    let text = r#"[server]
+admin_token = "0123456789abcdef0123"
+admin_token_file = "/run/secrets/coldgate-admin-token"
+"#;
+    let config = parse(text, "config.toml").unwrap();
+    assert_eq!(config.server.admin_token.as_ref().map(Secret::expose), Some("0123456789abcdef0123"));
+    assert_eq!(config.server.admin_token_file, Some(PathBuf::from("/run/secrets/coldgate-admin-token")));
+    let debug = format!("{config:?}");
+    assert!(!debug.contains("0123456789abcdef0123"), "Debug output shows the token: {debug}");
+}
+
+#[test]
+fn admin_token_too_short() {
+    let diagnostic = assert_rejected(
+        "[server]\nadmin_token = \"secret\"\n",
+        2,
+        15,
+        "server.admin_token",
+        "too short (6 characters); use at least 16",
+    );
+    assert!(!diagnostic.to_string().contains("\"secret\""), "the message repeats the token: {diagnostic}");
+}
+
+#[test]
+fn admin_token_with_whitespace() {
+    assert_rejected(
+        "[server]\nadmin_token = \"0123456789abcdef0123\\n\"\n",
+        2,
+        15,
+        "server.admin_token",
+        "trailing whitespace",
+    );
+}
+
+#[test]
+fn admin_token_file_empty_path() {
+    assert_rejected(
+        "[server]\nadmin_token_file = \" \"\n",
+        2,
+        20,
+        "server.admin_token_file",
+        "empty path",
+    );
 }

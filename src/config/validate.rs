@@ -17,9 +17,11 @@ use super::raw::{
     RawServiceKubernetes, RawSettings,
 };
 use super::{
-    Backend, Config, KubernetesConfig, LogConfig, LogFormat, ProcessConfig, ServerConfig,
+    Backend, Config, KubernetesConfig, LogConfig, LogFormat, ProcessConfig, Secret, ServerConfig,
     ServiceConfig, ServiceSettings, TlsConfig, UpstreamProtocol, DEFAULT_STOP_GRACE,
+    MIN_ADMIN_TOKEN_LEN,
 };
+use crate::keep_warm::{KeepWarmSchedule, KeepWarmWindow};
 
 const MAX_NAME_LEN: usize = 63;
 const MAX_HOST_LEN: usize = 253;
@@ -222,7 +224,63 @@ fn build_server(raw: Option<RawServer>, diagnostics: &mut Diagnostics<'_>) -> Se
         ),
         threads: checker.count(raw.threads, "threads", defaults.threads, 0),
         tls: raw.tls.and_then(|tls| build_tls(tls, &mut checker)),
+        admin_token: raw.admin_token.and_then(|token| check_admin_token(token, &mut checker)),
+        admin_token_file: raw.admin_token_file.and_then(|path| {
+            if path.get_ref().trim().is_empty() {
+                checker.error(
+                    path.span(),
+                    "admin_token_file",
+                    "empty path; give the path of a file that contains the token, or remove the key".to_owned(),
+                );
+                return None;
+            }
+            Some(PathBuf::from(path.into_inner()))
+        }),
     }
+}
+
+fn check_admin_token(token: Spanned<String>, checker: &mut Checker<'_, '_>) -> Option<Secret> {
+    // The message never repeats the token, because diagnostics end up in logs.
+    let length = token.get_ref().chars().count();
+    let problem = if token.get_ref().trim() != token.get_ref() || token.get_ref().chars().any(char::is_control) {
+        Some("contains leading or trailing whitespace or a control character; remove it".to_owned())
+    } else if length < MIN_ADMIN_TOKEN_LEN {
+        Some(format!(
+            "too short ({length} characters); use at least {MIN_ADMIN_TOKEN_LEN}, such as the output of `openssl rand -hex 32`"
+        ))
+    } else {
+        None
+    };
+    match problem {
+        Some(problem) => {
+            checker.error(token.span(), "admin_token", format!("invalid admin token: {problem}"));
+            None
+        }
+        None => Some(Secret::new(token.into_inner())),
+    }
+}
+
+/// Parses the `keep_warm` windows, reporting each invalid one at its own array element.
+fn check_keep_warm(
+    value: Option<Spanned<Vec<Spanned<String>>>>,
+    base: &KeepWarmSchedule,
+    checker: &mut Checker<'_, '_>,
+) -> KeepWarmSchedule {
+    let Some(value) = value else {
+        return base.clone();
+    };
+    let mut windows = Vec::with_capacity(value.get_ref().len());
+    for (index, text) in value.into_inner().into_iter().enumerate() {
+        match KeepWarmWindow::parse(text.get_ref()) {
+            Ok(window) => windows.push(window),
+            Err(problem) => checker.error(
+                text.span(),
+                &format!("keep_warm[{index}]"),
+                format!("invalid keep_warm window {:?}: {problem}", text.get_ref()),
+            ),
+        }
+    }
+    KeepWarmSchedule::new(windows)
 }
 
 fn build_tls(raw: Spanned<RawTls>, checker: &mut Checker<'_, '_>) -> Option<TlsConfig> {
@@ -341,6 +399,7 @@ fn apply_settings(
             base.connect_timeout,
             DurationRange::Positive,
         ),
+        keep_warm: check_keep_warm(raw.keep_warm, &base.keep_warm, checker),
     }
 }
 
