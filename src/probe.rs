@@ -9,14 +9,29 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::trace;
+
+/// How a probe talks to the instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeKind {
+    /// `GET path` over HTTP/1.1; 2xx is ready.
+    Http1,
+    /// `GET path` over HTTP/2 with prior knowledge, for h2c-only servers; 2xx is ready.
+    H2c,
+    /// `grpc.health.v1.Health/Check` for the whole server over h2c; SERVING is ready.
+    Grpc,
+}
 
 /// What to probe and how often.
 #[derive(Debug, Clone)]
 pub struct ProbePlan {
     pub addr: SocketAddr,
+    pub kind: ProbeKind,
     pub path: String,
     /// Pause between two probes. Small, because it bounds how late held requests are
     /// released after the instance turns ready.
@@ -31,14 +46,87 @@ pub async fn wait_until_ready(plan: &ProbePlan) {
     let mut attempts: u64 = 0;
     loop {
         attempts += 1;
-        match tokio::time::timeout(plan.timeout, probe_once(plan)).await {
-            Ok(Ok(status)) if (200..300).contains(&status) => return,
-            Ok(Ok(status)) => trace!(addr = %plan.addr, status, attempts, "not ready yet"),
+        match tokio::time::timeout(plan.timeout, probe_ready(plan)).await {
+            Ok(Ok(Ok(()))) => return,
+            Ok(Ok(Err(status))) => trace!(addr = %plan.addr, status, attempts, "not ready yet"),
             Ok(Err(error)) => trace!(addr = %plan.addr, %error, attempts, "probe failed"),
             Err(_) => trace!(addr = %plan.addr, attempts, "probe timed out"),
         }
         tokio::time::sleep(plan.interval).await;
     }
+}
+
+/// Runs one probe of the plan's kind: `Ok(Ok(()))` when ready, `Ok(Err(status))` with
+/// the status seen when not (503 for a gRPC server that is not SERVING).
+async fn probe_ready(plan: &ProbePlan) -> std::io::Result<Result<(), u16>> {
+    let ready_status = |status: u16| if (200..300).contains(&status) { Ok(()) } else { Err(status) };
+    match plan.kind {
+        ProbeKind::Http1 => probe_once(plan).await.map(ready_status),
+        ProbeKind::H2c => probe_h2c(plan).await.map(ready_status),
+        ProbeKind::Grpc => probe_grpc_health(plan).await.map(|serving| if serving { Ok(()) } else { Err(503) }),
+    }
+}
+
+/// Opens a fresh HTTP/2 connection with prior knowledge.
+async fn h2c_sender(addr: SocketAddr) -> std::io::Result<hyper::client::conn::http2::SendRequest<Full<Bytes>>> {
+    let stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (sender, connection) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+        .await
+        .map_err(std::io::Error::other)?;
+    tokio::spawn(connection);
+    Ok(sender)
+}
+
+/// Sends one `GET` over h2c and returns the response status code.
+pub async fn probe_h2c(plan: &ProbePlan) -> std::io::Result<u16> {
+    let mut sender = h2c_sender(plan.addr).await?;
+    let request = http::Request::get(format!("http://{}{}", plan.addr, plan.path))
+        .header(http::header::USER_AGENT, "coldgate-probe")
+        .body(Full::new(Bytes::new()))
+        .map_err(std::io::Error::other)?;
+    let response = sender.send_request(request).await.map_err(std::io::Error::other)?;
+    Ok(response.status().as_u16())
+}
+
+/// Runs the standard gRPC health check for the whole server (empty service name) and
+/// returns whether the server reported SERVING.
+pub async fn probe_grpc_health(plan: &ProbePlan) -> std::io::Result<bool> {
+    let mut sender = h2c_sender(plan.addr).await?;
+    // A gRPC message is a 5-byte prefix (not compressed, length 0) and the protobuf of
+    // HealthCheckRequest { service: "" }, which encodes to nothing.
+    let request = http::Request::post(format!("http://{}/grpc.health.v1.Health/Check", plan.addr))
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header(http::header::TE, "trailers")
+        .header(http::header::USER_AGENT, "coldgate-probe")
+        .body(Full::new(Bytes::from_static(&[0, 0, 0, 0, 0])))
+        .map_err(std::io::Error::other)?;
+    let response = sender.send_request(request).await.map_err(std::io::Error::other)?;
+    if response.status() != http::StatusCode::OK || grpc_status(response.headers()).is_some_and(|s| s != "0") {
+        return Ok(false);
+    }
+    let collected = response.into_body().collect().await.map_err(std::io::Error::other)?;
+    let trailers_ok = collected.trailers().is_some_and(|t| grpc_status(t) == Some("0"));
+    Ok(trailers_ok && health_says_serving(&collected.to_bytes()))
+}
+
+fn grpc_status(headers: &http::HeaderMap) -> Option<&str> {
+    headers.get("grpc-status").and_then(|v| v.to_str().ok())
+}
+
+/// Reads HealthCheckResponse from one gRPC message: field 1 (`status`, varint) must be 1,
+/// SERVING.
+fn health_says_serving(message: &[u8]) -> bool {
+    let Some(payload) = message.get(5..) else { return false };
+    let mut index = 0;
+    while index + 1 < payload.len() {
+        let (tag, value) = (payload[index], payload[index + 1]);
+        if tag == 0x08 {
+            return value == 1;
+        }
+        index += 2;
+    }
+    false
 }
 
 /// Sends one `GET` and returns the response status code.
@@ -81,6 +169,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn health_response_parsing() {
+        assert!(health_says_serving(&[0, 0, 0, 0, 2, 0x08, 0x01]));
+        assert!(!health_says_serving(&[0, 0, 0, 0, 2, 0x08, 0x02]), "NOT_SERVING");
+        assert!(!health_says_serving(&[0, 0, 0, 0, 0]), "UNKNOWN is the default of an empty message");
+        assert!(!health_says_serving(&[]));
+    }
+
+    #[test]
     fn status_line_parsing() {
         assert_eq!(parse_status_line(b"HTTP/1.1 200 OK\r\n"), Some(200));
         assert_eq!(parse_status_line(b"HTTP/1.0 503 Service Unavailable\r\nx: y"), Some(503));
@@ -100,6 +196,7 @@ mod tests {
         });
         let plan = ProbePlan {
             addr,
+            kind: ProbeKind::Http1,
             path: "/ready".into(),
             interval: Duration::from_millis(5),
             timeout: Duration::from_secs(1),

@@ -25,7 +25,7 @@ use tokio::sync::{oneshot, Notify};
 use tracing::{debug, info, warn};
 
 use crate::backend::{Backend, ScaleDown};
-use crate::config::{ServiceConfig, ServiceSettings, UpstreamProtocol};
+use crate::config::{ReadinessProbe, ServiceConfig, ServiceSettings, UpstreamProtocol};
 use crate::metrics::Metrics;
 use crate::probe;
 
@@ -176,6 +176,7 @@ struct State {
     phase: Phase,
     settings: ServiceSettings,
     protocol: UpstreamProtocol,
+    readiness_probe: ReadinessProbe,
     readiness_path: String,
     /// Endpoints that passed the readiness probe, in the order they became ready.
     ready: Vec<Arc<Endpoint>>,
@@ -254,6 +255,7 @@ impl Service {
                 phase: Phase::Idle,
                 settings: config.settings.clone(),
                 protocol: config.protocol,
+                readiness_probe: config.readiness_probe,
                 readiness_path: config.readiness_path.clone(),
                 ready: Vec::new(),
                 probing: HashMap::new(),
@@ -285,6 +287,7 @@ impl Service {
             let mut st = self.state.lock();
             st.settings = config.settings.clone();
             st.protocol = config.protocol;
+            st.readiness_probe = config.readiness_probe;
             st.readiness_path = config.readiness_path.clone();
             self.dispatch_locked(&mut st);
         }
@@ -621,8 +624,14 @@ impl Service {
         }
         let stop = Arc::new(Notify::new());
         st.probing.insert(addr, stop.clone());
+        let kind = match (st.readiness_probe, st.protocol) {
+            (ReadinessProbe::Grpc, _) => probe::ProbeKind::Grpc,
+            (ReadinessProbe::Http, UpstreamProtocol::H2c) => probe::ProbeKind::H2c,
+            (ReadinessProbe::Http, UpstreamProtocol::Http1) => probe::ProbeKind::Http1,
+        };
         let plan = probe::ProbePlan {
             addr,
+            kind,
             path: st.readiness_path.clone(),
             interval: st.settings.probe_interval,
             timeout: st.settings.probe_timeout,
@@ -1222,6 +1231,7 @@ mod tests {
             phase: Phase::Serving,
             settings,
             protocol: UpstreamProtocol::Http1,
+            readiness_probe: ReadinessProbe::Http,
             readiness_path: "/".into(),
             ready: endpoints.clone(),
             probing: HashMap::new(),

@@ -215,9 +215,22 @@ pub struct ServiceConfig {
     pub readiness_path: String,
     /// How coldgate talks to the instances.
     pub protocol: UpstreamProtocol,
+    /// How coldgate decides that a new instance is ready.
+    pub readiness_probe: ReadinessProbe,
     /// The `[defaults]` values with this service's overrides applied.
     pub settings: ServiceSettings,
     pub backend: Backend,
+}
+
+/// How a starting instance is probed (`readiness_probe` in `[[service]]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReadinessProbe {
+    /// `GET readiness_path`, over HTTP/1.1 or, for `protocol = "h2c"`, HTTP/2; 2xx is ready.
+    #[default]
+    Http,
+    /// The standard gRPC health check (`grpc.health.v1.Health/Check` for the whole
+    /// server) over h2c; SERVING is ready. For gRPC-only servers.
+    Grpc,
 }
 
 /// The protocol between coldgate and a service's instances (`protocol` in `[[service]]`).

@@ -88,6 +88,7 @@ pub(super) struct RawService {
     pub path_prefix: Option<Spanned<String>>,
     pub readiness_path: Option<Spanned<String>>,
     pub protocol: Option<Spanned<String>>,
+    pub readiness_probe: Option<Spanned<String>>,
     pub queue_timeout: Option<Spanned<DurationValue>>,
     pub max_queued_requests: Option<Spanned<Count>>,
     pub idle_timeout: Option<Spanned<DurationValue>>,

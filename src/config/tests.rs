@@ -124,6 +124,7 @@ fn full_example_parses() {
         path_prefix: "/".to_owned(),
         readiness_path: "/v2/models/iris/ready".to_owned(),
         protocol: UpstreamProtocol::Http1,
+        readiness_probe: ReadinessProbe::Http,
         settings: expected_settings,
         backend: Backend::Process(ProcessConfig {
             command: "python3".to_owned(),
@@ -1757,4 +1758,15 @@ fn admin_token_file_empty_path() {
         "server.admin_token_file",
         "empty path",
     );
+}
+
+#[test]
+fn grpc_probe_needs_h2c() {
+    let base = "[[service]]\nname = \"g\"\nhosts = [\"g.local\"]\n";
+    let ok = parse(&format!("{base}protocol = \"h2c\"\nreadiness_probe = \"grpc\"\n[service.process]\ncommand = \"x\"\n"), "c.toml").unwrap();
+    assert_eq!(ok.services[0].readiness_probe, ReadinessProbe::Grpc);
+    let error = parse(&format!("{base}readiness_probe = \"grpc\"\n[service.process]\ncommand = \"x\"\n"), "c.toml").unwrap_err();
+    let diagnostic = &error.diagnostics()[0];
+    assert_eq!((diagnostic.line, diagnostic.key.as_str()), (4, "readiness_probe"));
+    assert!(diagnostic.message.contains("protocol = \"h2c\""), "{}", diagnostic.message);
 }

@@ -18,7 +18,7 @@ use super::raw::{
 };
 use super::{
     Backend, Config, KubernetesConfig, LogConfig, LogFormat, ProcessConfig, Secret, ServerConfig,
-    ServiceConfig, ServiceSettings, TlsConfig, UpstreamProtocol, DEFAULT_STOP_GRACE,
+    ServiceConfig, ReadinessProbe, ServiceSettings, TlsConfig, UpstreamProtocol, DEFAULT_STOP_GRACE,
     MIN_ADMIN_TOKEN_LEN,
 };
 use crate::keep_warm::{KeepWarmSchedule, KeepWarmWindow};
@@ -469,6 +469,29 @@ fn build_services(
                 }
             },
         };
+        let readiness_probe = match &raw.readiness_probe {
+            None => ReadinessProbe::Http,
+            Some(value) => match value.get_ref().as_str() {
+                "http" => ReadinessProbe::Http,
+                "grpc" if protocol == UpstreamProtocol::H2c => ReadinessProbe::Grpc,
+                "grpc" => {
+                    checker.error(
+                        value.span(),
+                        "readiness_probe",
+                        "the gRPC health probe needs protocol = \"h2c\"; add it to this service".to_owned(),
+                    );
+                    ReadinessProbe::Http
+                }
+                other => {
+                    checker.error(
+                        value.span(),
+                        "readiness_probe",
+                        format!("invalid readiness_probe {other:?}: expected \"http\" (GET readiness_path) or \"grpc\" (grpc.health.v1 Check)"),
+                    );
+                    ReadinessProbe::Http
+                }
+            },
+        };
 
         for (host, span) in &hosts {
             let route = (host.clone(), path_prefix.clone());
@@ -529,6 +552,7 @@ fn build_services(
                 path_prefix,
                 readiness_path,
                 protocol,
+                readiness_probe,
                 settings,
                 backend,
             });
