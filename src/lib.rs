@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod keep_warm;
 pub mod metrics;
+pub mod openai;
 pub mod predictor;
 pub mod probe;
 pub mod proxy;

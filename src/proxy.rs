@@ -29,6 +29,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::UpstreamProtocol;
 use crate::metrics::Metrics;
+use crate::openai;
 use crate::registry::Registry;
 use crate::routing::normalize_host;
 use crate::service::{AdmitError, Admission, Lease, Service};
@@ -247,6 +248,58 @@ impl Activator {
         }
     }
 
+    /// Reads the body until its top-level `model` field shows up (at most `limit` bytes),
+    /// and returns the service for that model, or the OpenAI-style error to answer. The
+    /// bytes read stay in pingora's retry buffer, which replays them to the instance.
+    async fn route_by_model(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        registry: &Registry,
+        limit: usize,
+    ) -> Result<std::result::Result<Arc<Service>, (u16, serde_json::Value)>> {
+        session.enable_retry_buffering();
+        let mut prefix: Vec<u8> = Vec::new();
+        let model = loop {
+            let done = session.is_body_done();
+            match openai::find_model(&prefix, done) {
+                openai::ModelScan::Found(model) => break model,
+                openai::ModelScan::Missing => {
+                    let message = "the request body has no top-level string field \"model\"";
+                    return Ok(Err((400, openai::error_body(message, "invalid_request_error", "missing_model", Some("model")))));
+                }
+                openai::ModelScan::NeedMore if prefix.len() >= limit => {
+                    let message = format!("the \"model\" field was not found in the first {limit} bytes of the body; put it earlier");
+                    return Ok(Err((400, openai::error_body(&message, "invalid_request_error", "model_not_found_in_prefix", Some("model")))));
+                }
+                openai::ModelScan::NeedMore => {}
+            }
+            match session.read_request_body().await? {
+                Some(chunk) => {
+                    ctx.buffered += chunk.len();
+                    prefix.extend_from_slice(&chunk);
+                }
+                // The body ended: the next scan is final.
+                None if !done => continue,
+                None => {
+                    let message = "the request body has no top-level string field \"model\"";
+                    return Ok(Err((400, openai::error_body(message, "invalid_request_error", "missing_model", Some("model")))));
+                }
+            }
+        };
+        match registry.route_model(&model) {
+            Some(service) => {
+                self.metrics.buffered_bytes.with_label_values(&[&service.name]).add(ctx.buffered as i64);
+                Ok(Ok(service))
+            }
+            None => {
+                ctx.buffered = 0;
+                let message = format!("The model `{model}` does not exist or you do not have access to it.");
+                Ok(Err((404, openai::error_body(&message, "invalid_request_error", "model_not_found", Some("model")))))
+            }
+        }
+    }
+
     fn release_buffered(&self, ctx: &mut RequestCtx) {
         if ctx.buffered > 0 {
             if let Some(service) = &ctx.service {
@@ -433,11 +486,33 @@ impl ProxyHttp for Activator {
             return self.reject(session, ctx, Rejection::BadHost).await;
         };
 
-        let registry = self.registry.load();
-        let Some(service) = registry.route(&host, header.uri.path()) else {
-            self.metrics.unrouted_requests.inc();
-            let path = header.uri.path().chars().take(200).collect();
-            return self.reject(session, ctx, Rejection::NoRoute { host, path }).await;
+        let registry = self.registry.load_full();
+        let method = header.method.clone();
+        let path = header.uri.path().to_string();
+        let model_limit = registry.openai_prefix_limit(&host);
+        let service = match model_limit {
+            Some(_) if openai::is_model_list(&method, &path) => {
+                write_json(session, 200, None, &openai::model_list(&registry.models())).await?;
+                return Ok(true);
+            }
+            Some(limit) if openai::is_model_routed(&method, &path) => {
+                match self.route_by_model(session, ctx, &registry, limit).await? {
+                    Ok(service) => service,
+                    Err((status, body)) => {
+                        ctx.rejected = true;
+                        write_json(session, status, None, &body).await?;
+                        return Ok(true);
+                    }
+                }
+            }
+            _ => match registry.route(&host, &path) {
+                Some(service) => service,
+                None => {
+                    self.metrics.unrouted_requests.inc();
+                    let path = path.chars().take(200).collect();
+                    return self.reject(session, ctx, Rejection::NoRoute { host, path }).await;
+                }
+            },
         };
         ctx.service = Some(service.clone());
         ctx.deadline = Some(ctx.arrived + service.settings().queue_timeout);

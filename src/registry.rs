@@ -29,6 +29,10 @@ pub struct Registry {
     entries: Vec<Entry>,
     by_name: HashMap<String, usize>,
     router: Router,
+    /// `[openai]` hosts and the body prefix limit, when model routing is configured.
+    openai: Option<config::OpenAiConfig>,
+    /// OpenAI model name -> index into `entries`.
+    by_model: HashMap<String, usize>,
 }
 
 impl Registry {
@@ -80,7 +84,13 @@ impl Registry {
                     .collect()
             })
             .unwrap_or_default();
-        (Registry { entries, by_name, router }, removed)
+        let by_model = config
+            .services
+            .iter()
+            .enumerate()
+            .flat_map(|(index, service)| service.models.iter().map(move |model| (model.clone(), index)))
+            .collect();
+        (Registry { entries, by_name, router, openai: config.openai.clone(), by_model }, removed)
     }
 
     fn entry(&self, name: &str) -> Option<&Entry> {
@@ -90,6 +100,24 @@ impl Registry {
     /// Returns the service for a normalised host and a request path.
     pub fn route(&self, host: &str, path: &str) -> Option<Arc<Service>> {
         self.router.route(host, path).map(|i| self.entries[i].service.clone())
+    }
+
+    /// Returns the body prefix limit when `host` is one of the `[openai]` hosts.
+    pub fn openai_prefix_limit(&self, host: &str) -> Option<usize> {
+        self.openai.as_ref().filter(|o| o.hosts.iter().any(|h| h == host)).map(|o| o.max_body_prefix)
+    }
+
+    /// Returns the service that serves an OpenAI model name.
+    pub fn route_model(&self, model: &str) -> Option<Arc<Service>> {
+        self.by_model.get(model).map(|&i| self.entries[i].service.clone())
+    }
+
+    /// Returns every configured model with the name of its service, sorted by model.
+    pub fn models(&self) -> Vec<(String, String)> {
+        let mut models: Vec<(String, String)> =
+            self.by_model.iter().map(|(model, &i)| (model.clone(), self.entries[i].service.name.to_string())).collect();
+        models.sort();
+        models
     }
 
     pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {

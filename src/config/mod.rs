@@ -51,7 +51,23 @@ pub struct Config {
     /// The `[kubernetes]` table, with built-in values for keys it leaves out. It is
     /// accepted even when no service has a `[service.kubernetes]` table.
     pub kubernetes: KubernetesConfig,
+    /// The `[openai]` table: routing of OpenAI-style requests by their `model` field.
+    pub openai: Option<OpenAiConfig>,
 }
+
+/// Routing of OpenAI-compatible requests by the JSON body's `model` field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenAiConfig {
+    /// Host names on which `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`
+    /// and `/v1/models` are answered by model routing. Lowercased, without ports.
+    pub hosts: Vec<String>,
+    /// How many bytes of a request body coldgate reads at most to find `model`.
+    pub max_body_prefix: usize,
+}
+
+/// Largest `max_body_prefix`: pingora 0.9 replays at most this much of a request body
+/// that was read before the request is forwarded (its retry buffer).
+pub const MAX_OPENAI_BODY_PREFIX: usize = 64 * 1024;
 
 /// The `[server]` table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -217,6 +233,8 @@ pub struct ServiceConfig {
     pub protocol: UpstreamProtocol,
     /// How coldgate decides that a new instance is ready.
     pub readiness_probe: ReadinessProbe,
+    /// OpenAI model names routed to this service on the `[openai]` hosts.
+    pub models: Vec<String>,
     /// The `[defaults]` values with this service's overrides applied.
     pub settings: ServiceSettings,
     pub backend: Backend,

@@ -21,6 +21,14 @@ pub(super) struct RawConfig {
     pub defaults: Option<RawSettings>,
     pub service: Option<Vec<Spanned<RawService>>>,
     pub kubernetes: Option<RawKubernetes>,
+    pub openai: Option<Spanned<RawOpenAi>>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+pub(super) struct RawOpenAi {
+    pub hosts: Option<Spanned<Vec<Spanned<String>>>>,
+    pub max_body_prefix: Option<Spanned<Count>>,
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -89,6 +97,7 @@ pub(super) struct RawService {
     pub readiness_path: Option<Spanned<String>>,
     pub protocol: Option<Spanned<String>>,
     pub readiness_probe: Option<Spanned<String>>,
+    pub models: Option<Spanned<Vec<Spanned<String>>>>,
     pub queue_timeout: Option<Spanned<DurationValue>>,
     pub max_queued_requests: Option<Spanned<Count>>,
     pub idle_timeout: Option<Spanned<DurationValue>>,
@@ -296,7 +305,7 @@ struct TableSchema {
     in_service: bool,
 }
 
-fn schema_tables() -> [TableSchema; 9] {
+fn schema_tables() -> [TableSchema; 10] {
     [
         TableSchema {
             label: "the top level",
@@ -335,6 +344,12 @@ fn schema_tables() -> [TableSchema; 9] {
             in_service: false,
         },
         TableSchema {
+            label: "[openai]",
+            key_prefix: "openai.",
+            fields: struct_fields::<RawOpenAi>(),
+            in_service: false,
+        },
+        TableSchema {
             label: "[[service]]",
             key_prefix: "",
             fields: struct_fields::<RawService>(),
@@ -362,7 +377,7 @@ fn schema_tables() -> [TableSchema; 9] {
 /// deserialization.
 pub(super) fn check_unknown_keys(root: &DeTable<'_>, diagnostics: &mut Diagnostics<'_>) {
     let tables = schema_tables();
-    let [top, server, server_tls, log, defaults, kubernetes, service, process, service_kubernetes] = &tables;
+    let [top, server, server_tls, log, defaults, kubernetes, openai, service, process, service_kubernetes] = &tables;
 
     check_table(root, top, None, &tables, diagnostics);
     for (name, schema) in [
@@ -370,6 +385,7 @@ pub(super) fn check_unknown_keys(root: &DeTable<'_>, diagnostics: &mut Diagnosti
         ("log", log),
         ("defaults", defaults),
         ("kubernetes", kubernetes),
+        ("openai", openai),
     ] {
         if let Some(DeValue::Table(table)) = root.get(name).map(Spanned::get_ref) {
             check_table(table, schema, None, &tables, diagnostics);
@@ -490,7 +506,7 @@ mod tests {
         );
         assert_eq!(
             struct_fields::<RawConfig>(),
-            ["server", "log", "defaults", "service", "kubernetes"]
+            ["server", "log", "defaults", "service", "kubernetes", "openai"]
         );
     }
 

@@ -125,6 +125,7 @@ fn full_example_parses() {
         readiness_path: "/v2/models/iris/ready".to_owned(),
         protocol: UpstreamProtocol::Http1,
         readiness_probe: ReadinessProbe::Http,
+        models: Vec::new(),
         settings: expected_settings,
         backend: Backend::Process(ProcessConfig {
             command: "python3".to_owned(),
@@ -1769,4 +1770,26 @@ fn grpc_probe_needs_h2c() {
     let diagnostic = &error.diagnostics()[0];
     assert_eq!((diagnostic.line, diagnostic.key.as_str()), (4, "readiness_probe"));
     assert!(diagnostic.message.contains("protocol = \"h2c\""), "{}", diagnostic.message);
+}
+
+#[test]
+fn openai_routing_is_checked() {
+    let text = "[openai]\nhosts = [\"LLM.local\"]\n\n[[service]]\nname = \"llama\"\nmodels = [\"llama-3-8b\", \"llama3\"]\n[service.process]\ncommand = \"x\"\n";
+    let config = parse(text, "c.toml").unwrap();
+    let openai = config.openai.expect("[openai] table");
+    assert_eq!(openai.hosts, vec!["llm.local".to_owned()]);
+    assert_eq!(openai.max_body_prefix, MAX_OPENAI_BODY_PREFIX);
+    assert_eq!(config.services[0].models, vec!["llama-3-8b".to_owned(), "llama3".to_owned()]);
+    assert!(config.services[0].hosts.is_empty(), "a model-routed service needs no hosts");
+
+    let duplicate = "[openai]\nhosts = [\"llm.local\"]\n[[service]]\nname = \"a\"\nmodels = [\"m\"]\n[service.process]\ncommand = \"x\"\n[[service]]\nname = \"b\"\nmodels = [\"m\"]\n[service.process]\ncommand = \"x\"\n";
+    let error = parse(duplicate, "c.toml").unwrap_err();
+    let diagnostic = &error.diagnostics()[0];
+    assert_eq!((diagnostic.line, diagnostic.key.as_str()), (10, "models"));
+    assert!(diagnostic.message.contains("already served by"), "{}", diagnostic.message);
+
+    let too_big = "[openai]\nhosts = [\"llm.local\"]\nmax_body_prefix = 1048576\n[[service]]\nname = \"a\"\nmodels = [\"m\"]\n[service.process]\ncommand = \"x\"\n";
+    let error = parse(too_big, "c.toml").unwrap_err();
+    let diagnostic = &error.diagnostics()[0];
+    assert_eq!((diagnostic.line, diagnostic.key.as_str()), (3, "openai.max_body_prefix"));
 }

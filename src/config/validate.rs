@@ -13,11 +13,11 @@ use toml::Spanned;
 use super::duration::format_duration;
 use super::error::{key_segment, Diagnostics, ServiceContext};
 use super::raw::{
-    Count, DurationValue, RawConfig, RawTls, RawLog, RawProcess, RawServer, RawService,
+    Count, DurationValue, RawConfig, RawOpenAi, RawTls, RawLog, RawProcess, RawServer, RawService,
     RawServiceKubernetes, RawSettings,
 };
 use super::{
-    Backend, Config, KubernetesConfig, LogConfig, LogFormat, ProcessConfig, Secret, ServerConfig,
+    Backend, Config, KubernetesConfig, OpenAiConfig, MAX_OPENAI_BODY_PREFIX, LogConfig, LogFormat, ProcessConfig, Secret, ServerConfig,
     ServiceConfig, ReadinessProbe, ServiceSettings, TlsConfig, UpstreamProtocol, DEFAULT_STOP_GRACE,
     MIN_ADMIN_TOKEN_LEN,
 };
@@ -52,13 +52,56 @@ pub(super) fn build(raw: RawConfig, diagnostics: &mut Diagnostics<'_>) -> Config
         &cluster,
         diagnostics,
     );
+    let openai = raw.openai.map(|table| build_openai(table, &services, diagnostics));
     Config {
         server,
         log,
         defaults,
         services,
         kubernetes: cluster.config,
+        openai,
     }
+}
+
+fn build_openai(raw: Spanned<RawOpenAi>, services: &[ServiceConfig], diagnostics: &mut Diagnostics<'_>) -> OpenAiConfig {
+    let header = raw.span();
+    let raw = raw.into_inner();
+    let mut checker = Checker { diagnostics, service: None, key_prefix: "openai." };
+    let mut hosts = Vec::new();
+    match &raw.hosts {
+        None => checker.error(
+            header.clone(),
+            "hosts",
+            "missing required key; add hosts = [\"...\"] with the host names that clients use for OpenAI-style requests".to_owned(),
+        ),
+        Some(list) if list.get_ref().is_empty() => {
+            checker.error(list.span(), "hosts", "empty list; add at least one host name".to_owned())
+        }
+        Some(list) => {
+            for host in list.get_ref() {
+                match normalize_host(host.get_ref()) {
+                    Ok(normalized) => hosts.push(normalized),
+                    Err(message) => checker.error(host.span(), "hosts", message),
+                }
+            }
+        }
+    }
+    let max_body_prefix = checker.count(raw.max_body_prefix.clone(), "max_body_prefix", MAX_OPENAI_BODY_PREFIX, 1);
+    if let Some(value) = &raw.max_body_prefix {
+        if max_body_prefix > MAX_OPENAI_BODY_PREFIX {
+            checker.error(
+                value.span(),
+                "max_body_prefix",
+                format!(
+                    "{max_body_prefix} bytes is more than coldgate can replay to the instance ({MAX_OPENAI_BODY_PREFIX} bytes, the size of pingora's request body buffer); use at most {MAX_OPENAI_BODY_PREFIX}"
+                ),
+            );
+        }
+    }
+    if !services.iter().any(|s| !s.models.is_empty()) {
+        checker.error(header, "openai", "no [[service]] lists models = [...]; add the model names each service serves".to_owned());
+    }
+    OpenAiConfig { hosts, max_body_prefix: max_body_prefix.min(MAX_OPENAI_BODY_PREFIX) }
 }
 
 #[derive(Clone, Copy)]
@@ -422,6 +465,7 @@ fn build_services(
     // Name to the line of its first use.
     let mut names: HashMap<String, usize> = HashMap::new();
     let mut routes: HashMap<(String, String), RouteOwner> = HashMap::new();
+    let mut model_owners: HashMap<String, String> = HashMap::new();
     let mut services = Vec::with_capacity(entries.len());
     // Services with [service.kubernetes] whose idle_timeout, inherited from [defaults], is
     // too short. They get one diagnostic together at [defaults] idle_timeout.
@@ -492,6 +536,23 @@ fn build_services(
                 }
             },
         };
+        let mut models: Vec<String> = Vec::new();
+        if let Some(list) = &raw.models {
+            if list.get_ref().is_empty() {
+                checker.error(list.span(), "models", "empty list; add model names or remove the key".to_owned());
+            }
+            for model in list.get_ref() {
+                let name = model.get_ref().trim();
+                if name.is_empty() || name.len() > 256 || name.chars().any(char::is_control) {
+                    checker.error(model.span(), "models", format!("invalid model name {:?}: expected 1 to 256 printable characters", model.get_ref()));
+                } else if let Some(owner) = model_owners.get(name) {
+                    checker.error(model.span(), "models", format!("model {name:?} is already served by {owner}; each model routes to one service"));
+                } else {
+                    model_owners.insert(name.to_owned(), service_label.clone());
+                    models.push(name.to_owned());
+                }
+            }
+        }
 
         for (host, span) in &hosts {
             let route = (host.clone(), path_prefix.clone());
@@ -553,6 +614,7 @@ fn build_services(
                 readiness_path,
                 protocol,
                 readiness_probe,
+                models: models.clone(),
                 settings,
                 backend,
             });
@@ -693,6 +755,9 @@ fn check_hosts(
     checker: &mut Checker<'_, '_>,
 ) -> Vec<(String, Range<usize>)> {
     let Some(value) = &raw.hosts else {
+        if raw.models.is_some() {
+            return Vec::new(); // Routed by model name on the [openai] hosts only.
+        }
         checker.error(
             header_span.clone(),
             "hosts",
