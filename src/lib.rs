@@ -9,6 +9,7 @@ pub mod admin;
 pub mod backend;
 pub mod cli;
 pub mod config;
+pub mod front_door;
 pub mod keep_warm;
 pub mod metrics;
 pub mod openai;

@@ -28,6 +28,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use tracing::{debug, info, warn};
 
 use crate::config::UpstreamProtocol;
+use crate::front_door::AdmittedRequests;
 use crate::metrics::Metrics;
 use crate::openai;
 use crate::registry::Registry;
@@ -175,11 +176,13 @@ impl RequestCtx {
 pub struct Activator {
     registry: Arc<ArcSwap<Registry>>,
     metrics: Arc<Metrics>,
+    /// Leases taken by the front door for requests it held before pingora read them.
+    admitted: Arc<AdmittedRequests>,
 }
 
 impl Activator {
-    pub fn new(registry: Arc<ArcSwap<Registry>>, metrics: Arc<Metrics>) -> Self {
-        Activator { registry, metrics }
+    pub fn new(registry: Arc<ArcSwap<Registry>>, metrics: Arc<Metrics>, admitted: Arc<AdmittedRequests>) -> Self {
+        Activator { registry, metrics, admitted }
     }
 
     /// Writes coldgate's own answer for a rejection.
@@ -476,6 +479,18 @@ impl ProxyHttp for Activator {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        // A request the front door already held and leased: no routing or holding left.
+        let client = session.client_addr().and_then(|a| a.as_inet()).copied();
+        if let Some(admitted) = client.and_then(|client| self.admitted.take(client)) {
+            let service = admitted.lease.service().clone();
+            ctx.arrived = admitted.arrived;
+            ctx.deadline = Some(admitted.arrived + service.settings().queue_timeout);
+            ctx.held = true;
+            ctx.lease = Some(admitted.lease);
+            ctx.service = Some(service);
+            return Ok(false);
+        }
+
         let header = session.req_header();
         let raw_host = header
             .uri

@@ -11,7 +11,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use pingora_core::apps::{HttpServerOptions, ServerApp};
+use bytes::BytesMut;
+use pingora_core::apps::{HttpServerApp, HttpServerOptions, ServerApp};
+use pingora_core::protocols::http::ServerSession;
+use pingora_core::protocols::ALPN;
 use pingora_core::protocols::l4::stream::Stream as L4Stream;
 use pingora_core::protocols::{GetSocketDigest, SocketDigest, Stream};
 use pingora_core::server::configuration::ServerConf;
@@ -22,6 +25,7 @@ use tracing::{debug, info, warn};
 use crate::admin::{self, AdminState};
 use crate::backend::kubernetes::cluster::Cluster;
 use crate::config::{format_duration, Config};
+use crate::front_door::{AdmittedRequests, FrontDoor, Outcome};
 use crate::metrics::Metrics;
 use crate::proxy::Activator;
 use crate::registry::Registry;
@@ -67,15 +71,23 @@ impl Drop for ConnectionGuard {
 
 type Proxy = pingora_proxy::HttpProxy<Activator>;
 
-/// Hands an accepted client connection to pingora on its own task.
-fn spawn_connection(
-    proxy: &Arc<Proxy>,
-    tls: Option<&Arc<TlsTerminator>>,
-    stream: tokio::net::TcpStream,
-    peer: SocketAddr,
-    connections: &Arc<ConnectionCount>,
-    stop: &watch::Receiver<bool>,
-) {
+/// Seconds an idle keep-alive client connection stays open (pingora's default).
+const KEEPALIVE_SECONDS: u64 = 60;
+
+/// What a connection task needs besides its socket.
+#[derive(Clone)]
+struct ConnectionContext {
+    proxy: Arc<Proxy>,
+    tls: Option<Arc<TlsTerminator>>,
+    front_door: Arc<FrontDoor>,
+    admitted: Arc<AdmittedRequests>,
+    connections: Arc<ConnectionCount>,
+    stop: watch::Receiver<bool>,
+}
+
+/// Serves an accepted client connection on its own task: TLS if configured, then the
+/// front door for the first HTTP/1 request, then pingora.
+fn spawn_connection(context: &ConnectionContext, stream: tokio::net::TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
     let mut stream: L4Stream = stream.into();
     // pingora reads the client address from the socket digest (for X-Forwarded-For).
@@ -83,15 +95,27 @@ fn spawn_connection(
     let _ = digest.peer_addr.set(Some(peer.into()));
     stream.set_socket_digest(digest);
 
-    connections.open.fetch_add(1, Ordering::AcqRel);
-    let guard = ConnectionGuard(connections.clone());
-    let proxy = proxy.clone();
-    let stop = stop.clone();
-    let tls = tls.cloned();
+    context.connections.open.fetch_add(1, Ordering::AcqRel);
+    let guard = ConnectionGuard(context.connections.clone());
+    let context = context.clone();
     tokio::spawn(async move {
         let _guard = guard;
-        let stream: Stream = match tls {
-            None => Box::new(stream),
+        let stream: Stream = match &context.tls {
+            None => {
+                match context.front_door.first_request(&mut stream, peer).await {
+                    Outcome::Done => return,
+                    Outcome::Http2(read) => {
+                        // pingora recognises the preface again once the bytes are back.
+                        stream.rewind(&read);
+                        context.proxy.process_new(Box::new(stream), &context.stop).await;
+                        return;
+                    }
+                    Outcome::Forward(prefix) => {
+                        serve_http1(&context, Box::new(stream), prefix, peer).await;
+                        return;
+                    }
+                }
+            }
             Some(tls) => match tls.accept(stream).await {
                 Ok(stream) => stream,
                 Err(error) => {
@@ -100,8 +124,39 @@ fn spawn_connection(
                 }
             },
         };
-        proxy.process_new(stream, &stop).await;
+        if stream.selected_alpn_proto() == Some(ALPN::H2) {
+            context.proxy.process_new(stream, &context.stop).await;
+            return;
+        }
+        let mut stream = stream;
+        match context.front_door.first_request(&mut stream, peer).await {
+            Outcome::Done => {}
+            // No preface is expected after TLS without ALPN h2; pingora answers it.
+            Outcome::Http2(read) | Outcome::Forward(read) => serve_http1(&context, stream, read, peer).await,
+        }
     });
+}
+
+/// Runs pingora's HTTP/1 request loop on a connection whose first bytes were already read.
+async fn serve_http1(context: &ConnectionContext, stream: Stream, prefix: BytesMut, peer: SocketAddr) {
+    let mut session = ServerSession::new_http1(stream);
+    session.set_pipelined_prefix(prefix);
+    session.set_keepalive(if *context.stop.borrow() { None } else { Some(KEEPALIVE_SECONDS) });
+    let mut reused = context.proxy.process_new_http(session, &context.stop).await;
+    // A lease that request_filter did not take (pingora rejected the request before it
+    // ran) must not stay counted in flight.
+    drop(context.admitted.take(peer));
+
+    while let Some((stream, settings)) = reused.map(|r| r.consume()) {
+        let mut session = ServerSession::new_http1(stream);
+        if let Some(settings) = settings {
+            settings.apply_to_session(&mut session);
+        }
+        if *context.stop.borrow() {
+            session.set_keepalive(None);
+        }
+        reused = context.proxy.process_new_http(session, &context.stop).await;
+    }
 }
 
 /// Serves until `shutdown` resolves, then drains: `/readyz` fails at once, the listener
@@ -141,7 +196,12 @@ pub async fn run(
     // Connection retries are bounded by each request's deadline, not by a count.
     server_conf.max_retries = usize::MAX;
     let server_conf = Arc::new(server_conf);
-    let mut proxy = pingora_proxy::http_proxy(&server_conf, Activator::new(registry.clone(), metrics.clone()));
+    let admitted = Arc::new(AdmittedRequests::default());
+    let front_door = Arc::new(FrontDoor::new(registry.clone(), metrics.clone(), admitted.clone()));
+    let mut proxy = pingora_proxy::http_proxy(
+        &server_conf,
+        Activator::new(registry.clone(), metrics.clone(), admitted.clone()),
+    );
     let mut options = HttpServerOptions::default();
     options.h2c = true;
     proxy.server_options = Some(options);
@@ -184,6 +244,14 @@ pub async fn run(
 
     // Accept until shutdown begins.
     let connections = Arc::new(ConnectionCount::default());
+    let context = ConnectionContext {
+        proxy: proxy.clone(),
+        tls: tls.clone(),
+        front_door,
+        admitted,
+        connections: connections.clone(),
+        stop: stop_receiver.clone(),
+    };
     let accept_loop = async {
         loop {
             let (stream, peer) = match data_listener.accept().await {
@@ -195,7 +263,7 @@ pub async fn run(
                     continue;
                 }
             };
-            spawn_connection(&proxy, tls.as_ref(), stream, peer, &connections, &stop_receiver);
+            spawn_connection(&context, stream, peer);
         }
     };
     tokio::select! {
@@ -216,7 +284,7 @@ pub async fn run(
     let drain_accept = async {
         loop {
             if let Ok((stream, peer)) = data_listener.accept().await {
-                spawn_connection(&proxy, tls.as_ref(), stream, peer, &connections, &stop_receiver);
+                spawn_connection(&context, stream, peer);
             }
         }
     };

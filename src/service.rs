@@ -1009,6 +1009,10 @@ impl Lease {
         self.endpoint.addr
     }
 
+    pub fn service(&self) -> &Arc<Service> {
+        &self.service
+    }
+
     /// Returns false once the endpoint has left the ready set (its instance stopped or
     /// crashed), so a retry should pick another endpoint.
     pub fn is_current(&self) -> bool {

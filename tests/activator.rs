@@ -407,3 +407,25 @@ async fn killed_coldgate_leaves_no_children() {
     }
     assert!(!process_alive(child), "predictor {child} outlived a killed coldgate");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_request_is_held_after_scale_down() {
+    // The first request of a connection is held by the front door; later requests on a
+    // kept-alive connection are held inside pingora. Both must work.
+    let coldgate = start_with("idle_timeout = \"400ms\"", &["--load-ms", "300"]);
+    let stream = TcpStream::connect(coldgate.data).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(connection);
+
+    let first = sender.send_request(request("GET", HOST, "/slow?ms=1", "")).await.unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    let _ = first.into_body().collect().await.unwrap();
+    coldgate.wait_for_service("demo", Duration::from_secs(5), |s| s["state"] == "idle").await;
+
+    let second = sender.send_request(request("POST", HOST, "/echo", "kept alive")).await.unwrap();
+    assert_eq!(second.status(), StatusCode::OK);
+    let body = second.into_body().collect().await.unwrap().to_bytes();
+    let echo: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(echo["sha256"], sha256_hex(b"kept alive"));
+    assert_eq!(starts(&coldgate).0, 2, "the second request must have started the service again");
+}
