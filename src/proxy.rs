@@ -328,6 +328,12 @@ async fn watch_client(session: &mut Session, buffered: &mut usize, gauge: &prome
 
     if !session.is_body_done() {
         if !small_body || chunked {
+            // An HTTP/2 stream (every gRPC call, which has no content-length) reports a
+            // client's RST_STREAM or a lost connection without its body being read.
+            if let pingora_core::protocols::http::ServerSession::H2(h2) = session.downstream_session.as_mut() {
+                let _ = h2.idle().await;
+                return;
+            }
             return std::future::pending().await;
         }
         session.enable_retry_buffering();
@@ -378,8 +384,14 @@ async fn write_rejection(
     if let Some(seconds) = retry_after {
         response.insert_header(header::RETRY_AFTER, seconds.to_string())?;
     }
-    // Headers with end of stream and no body: the trailers-only form of a gRPC error.
-    session.write_response_header(Box::new(response), true).await?;
+    // Headers with end of stream and no body: the trailers-only form of a gRPC error. It
+    // must be one HEADERS frame with END_STREAM, but pingora's Session::write_response_header
+    // ignores its end flag on HTTP/2 and ends the stream with an empty DATA frame, which
+    // gRPC clients report as UNKNOWN or INTERNAL. So an HTTP/2 stream is ended here.
+    match session.downstream_session.as_mut() {
+        pingora_core::protocols::http::ServerSession::H2(h2) => h2.write_response_header(Box::new(response), true)?,
+        _ => session.write_response_header(Box::new(response), true).await?,
+    }
     Ok(())
 }
 
