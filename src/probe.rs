@@ -40,18 +40,21 @@ pub struct ProbePlan {
     pub timeout: Duration,
 }
 
-/// Probes until the instance answers 2xx. It never gives up by itself: the caller races it
-/// against the instance's exit and the start-up timeout.
-pub async fn wait_until_ready(plan: &ProbePlan) {
+/// Probes until the instance is ready. It never gives up by itself: the caller races it
+/// against the instance's exit and the start-up timeout. `last_failure` gets a short
+/// description of the latest failed probe, for the error that a timed-out start reports.
+pub async fn wait_until_ready(plan: &ProbePlan, last_failure: impl Fn(String)) {
     let mut attempts: u64 = 0;
     loop {
         attempts += 1;
-        match tokio::time::timeout(plan.timeout, probe_ready(plan)).await {
+        let failure = match tokio::time::timeout(plan.timeout, probe_ready(plan)).await {
             Ok(Ok(Ok(()))) => return,
-            Ok(Ok(Err(status))) => trace!(addr = %plan.addr, status, attempts, "not ready yet"),
-            Ok(Err(error)) => trace!(addr = %plan.addr, %error, attempts, "probe failed"),
-            Err(_) => trace!(addr = %plan.addr, attempts, "probe timed out"),
-        }
+            Ok(Ok(Err(status))) => format!("the last readiness probe of {} got status {status}", plan.addr),
+            Ok(Err(error)) => format!("the last readiness probe of {} failed: {error}", plan.addr),
+            Err(_) => format!("the last readiness probe of {} timed out after {:?}", plan.addr, plan.timeout),
+        };
+        trace!(addr = %plan.addr, attempts, failure = %failure, "not ready yet");
+        last_failure(failure);
         tokio::time::sleep(plan.interval).await;
     }
 }

@@ -237,6 +237,8 @@ pub struct Service {
     metrics: ServiceMetrics,
     /// Set once coldgate shuts down: no new activations start after that.
     closed: AtomicBool,
+    /// Why the latest readiness probe failed, reported when a start times out.
+    last_probe_failure: Mutex<Option<String>>,
 }
 
 impl Service {
@@ -274,6 +276,7 @@ impl Service {
             idle_changed: Notify::new(),
             metrics: ServiceMetrics::new(metrics, &config.name),
             closed: AtomicBool::new(false),
+            last_probe_failure: Mutex::new(None),
         });
         service.backend.watch(EndpointEvents { service: Arc::downgrade(&service) });
         tokio::spawn(Self::watch_idle(service.clone()));
@@ -520,6 +523,7 @@ impl Service {
         st.activation_started = Some(Instant::now());
         st.last_error = None;
         st.activation_problem = None;
+        *self.last_probe_failure.lock() = None;
         let activation_id = st.activation_id;
         let startup_timeout = st.settings.startup_timeout;
         info!(service = %self.name, "activating: starting an instance");
@@ -549,10 +553,13 @@ impl Service {
                 st.activation_id == activation_id && st.phase == Phase::Activating
             };
             if still_starting {
-                let reason = format!(
+                let mut reason = format!(
                     "no instance passed its readiness probe within startup_timeout ({})",
                     crate::config::format_duration(startup_timeout)
                 );
+                if let Some(failure) = service.last_probe_failure.lock().take() {
+                    reason.push_str(&format!("; {failure}"));
+                }
                 service.activation_failed(activation_id, AdmitError::ActivationFailed(reason.into()), true).await;
             }
         });
@@ -642,7 +649,9 @@ impl Service {
         let service = self.clone();
         tokio::spawn(async move {
             tokio::select! {
-                () = probe::wait_until_ready(&plan) => service.endpoint_ready(addr, activation_id),
+                () = probe::wait_until_ready(&plan, |failure| *service.last_probe_failure.lock() = Some(failure)) => {
+                    service.endpoint_ready(addr, activation_id)
+                }
                 () = stop.notified() => debug!(service = %service.name, %addr, "probe stopped"),
             }
         });

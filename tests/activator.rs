@@ -429,3 +429,14 @@ async fn keep_alive_request_is_held_after_scale_down() {
     assert_eq!(echo["sha256"], sha256_hex(b"kept alive"));
     assert_eq!(starts(&coldgate).0, 2, "the second request must have started the service again");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_timeout_reports_the_probe_failure() {
+    let coldgate = start_with("startup_timeout = \"1s\"\nqueue_timeout = \"30s\"", &["--load-ms", "60000"]);
+    let response = send(coldgate.data, request("GET", HOST, "/slow?ms=1", "")).await;
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("startup_timeout"), "{message}");
+    assert!(message.contains("got status 503"), "the probe's last answer must be named: {message}");
+}
