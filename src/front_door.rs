@@ -1,7 +1,8 @@
 //! Holding the first HTTP/1 request of a connection before pingora sees it.
 //!
 //! A request held inside pingora's `request_filter` costs about 28 KiB, most of it
-//! pingora's request state machine (measured with DHAT; see BENCHMARKS.md). Most held
+//! pingora's request state machine (a DHAT measurement with pingora 0.9.1, summarised in
+//! BENCHMARKS.md). Most held
 //! requests arrive on new connections, because coldgate closes idle keep-alive connections
 //! after 60 s and services go cold only after minutes of idleness. So the connection task
 //! reads the first request's head itself, and when its service has no free instance it
@@ -30,8 +31,8 @@ use crate::registry::Registry;
 use crate::routing::normalize_host;
 use crate::service::{AdmitError, Admission, Lease};
 
-/// Longest request head the front door reads; larger ones go to pingora, which rejects
-/// them with its own limits.
+/// Maximum size of a request head that the front door reads; larger heads go to pingora,
+/// which rejects them with its own limits.
 const MAX_HEAD: usize = 16 * 1024;
 /// Time a new connection has to send its first request head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(60);
@@ -62,7 +63,7 @@ impl AdmittedRequests {
     }
 }
 
-/// What the connection task does after the front door.
+/// The connection task's next step after the front door.
 pub enum Outcome {
     /// Give pingora the connection, with these bytes to parse before reading more.
     Forward(BytesMut),
