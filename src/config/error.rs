@@ -101,14 +101,20 @@ pub(super) struct ServiceContext {
 pub(super) struct Diagnostics<'a> {
     source: &'a str,
     text: &'a str,
+    /// Byte offset at which each line starts, so that finding a line is a binary search:
+    /// validation asks for the line of every host and name, and a scan from the start of
+    /// the text each time made start-up quadratic in the number of services.
+    line_starts: Vec<usize>,
     items: Vec<Diagnostic>,
 }
 
 impl<'a> Diagnostics<'a> {
     pub fn new(source: &'a str, text: &'a str) -> Self {
+        let line_starts = std::iter::once(0).chain(text.match_indices('\n').map(|(newline, _)| newline + 1)).collect();
         Diagnostics {
             source,
             text,
+            line_starts,
             items: Vec::new(),
         }
     }
@@ -120,7 +126,8 @@ impl<'a> Diagnostics<'a> {
         key: impl Into<String>,
         message: impl Into<String>,
     ) {
-        let (line, column) = line_column(self.text, span.start);
+        let line = self.line_of(span.start);
+        let column = column_in_line(self.text, self.line_starts[line - 1], span.start);
         self.items.push(Diagnostic {
             source: self.source.to_owned(),
             line,
@@ -134,7 +141,7 @@ impl<'a> Diagnostics<'a> {
 
     /// Returns the 1-based line of a byte offset, for messages that point at another line.
     pub fn line_of(&self, offset: usize) -> usize {
-        line_column(self.text, offset).0
+        self.line_starts.partition_point(|&start| start <= offset)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -150,17 +157,14 @@ impl<'a> Diagnostics<'a> {
     }
 }
 
-/// Converts a byte offset into a 1-based line and a 1-based column counted in characters.
-pub(super) fn line_column(text: &str, offset: usize) -> (usize, usize) {
+/// Returns the 1-based column, counted in characters, of a byte offset in the line that
+/// starts at `line_start`.
+fn column_in_line(text: &str, line_start: usize, offset: usize) -> usize {
     let mut offset = offset.min(text.len());
     while !text.is_char_boundary(offset) {
         offset -= 1;
     }
-    let before = &text[..offset];
-    let line_start = before.rfind('\n').map_or(0, |newline| newline + 1);
-    let line = before.matches('\n').count() + 1;
-    let column = before[line_start..].chars().count() + 1;
-    (line, column)
+    text[line_start..offset.max(line_start)].chars().count() + 1
 }
 
 /// Formats one key for a dotted path, quoting it when it is not a bare TOML key.
@@ -327,6 +331,11 @@ mod tests {
     #[test]
     fn line_column_counts_characters() {
         let text = "a = 1\nbé = \"x\"\r\nc = 2";
+        let diagnostics = Diagnostics::new("t.toml", text);
+        let line_column = |_: &str, offset: usize| {
+            let line = diagnostics.line_of(offset.min(text.len()));
+            (line, column_in_line(text, diagnostics.line_starts[line - 1], offset))
+        };
         assert_eq!(line_column(text, 0), (1, 1));
         assert_eq!(line_column(text, 4), (1, 5));
         assert_eq!(line_column(text, 6), (2, 1));
