@@ -187,10 +187,7 @@ fn init_logging(format: LogFormat, filter: &str) {
 fn serve(config: Config, config_path: Option<PathBuf>, log_format: Option<LogFormat>) -> ExitCode {
     init_logging(log_format.unwrap_or(config.log.format), &config.log.filter);
     raise_open_file_limit();
-    let threads = match config.server.threads {
-        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
-        n => n,
-    };
+    let threads = server::worker_threads(config.server.threads);
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {

@@ -28,7 +28,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use tracing::{debug, info, warn};
 
 use crate::config::UpstreamProtocol;
-use crate::front_door::AdmittedRequests;
+use crate::front_door::Admitted;
 use crate::metrics::Metrics;
 use crate::openai;
 use crate::registry::Registry;
@@ -159,6 +159,8 @@ pub struct RequestCtx {
     rejected: bool,
     /// Set when a retry had to queue again and was rejected; `fail_to_proxy` answers it.
     pending_rejection: Option<Rejection>,
+    /// The lease the front door took for this request, until `request_filter` takes it.
+    admitted: Option<Admitted>,
 }
 
 impl RequestCtx {
@@ -176,13 +178,11 @@ impl RequestCtx {
 pub struct Activator {
     registry: Arc<ArcSwap<Registry>>,
     metrics: Arc<Metrics>,
-    /// Leases taken by the front door for requests it held before pingora read them.
-    admitted: Arc<AdmittedRequests>,
 }
 
 impl Activator {
-    pub fn new(registry: Arc<ArcSwap<Registry>>, metrics: Arc<Metrics>, admitted: Arc<AdmittedRequests>) -> Self {
-        Activator { registry, metrics, admitted }
+    pub fn new(registry: Arc<ArcSwap<Registry>>, metrics: Arc<Metrics>) -> Self {
+        Activator { registry, metrics }
     }
 
     /// Writes coldgate's own answer for a rejection.
@@ -251,9 +251,11 @@ impl Activator {
         }
     }
 
-    /// Reads the body until its top-level `model` field shows up (at most `limit` bytes),
-    /// and returns the service for that model, or the OpenAI-style error to answer. The
-    /// bytes read stay in pingora's retry buffer, which replays them to the instance.
+    /// Reads the body until its top-level `model` field shows up (at most `limit` bytes,
+    /// and at most [`MAX_HELD_BODY`]), and returns the service for that model, or the
+    /// OpenAI-style error to answer. The bytes read stay in pingora's retry buffer, which
+    /// replays them to the instance. Only HTTP/2 and chunked HTTP/1 requests get here: the
+    /// front door routes the others with the whole `limit`.
     async fn route_by_model(
         &self,
         session: &mut Session,
@@ -262,18 +264,16 @@ impl Activator {
         limit: usize,
     ) -> Result<std::result::Result<Arc<Service>, (u16, serde_json::Value)>> {
         session.enable_retry_buffering();
+        let scan_limit = limit.min(MAX_HELD_BODY);
         let mut prefix: Vec<u8> = Vec::new();
         let model = loop {
             let done = session.is_body_done();
             match openai::find_model(&prefix, done) {
                 openai::ModelScan::Found(model) => break model,
-                openai::ModelScan::Missing => {
-                    let message = "the request body has no top-level string field \"model\"";
-                    return Ok(Err((400, openai::error_body(message, "invalid_request_error", "missing_model", Some("model")))));
-                }
-                openai::ModelScan::NeedMore if prefix.len() >= limit => {
-                    let message = format!("the \"model\" field was not found in the first {limit} bytes of the body; put it earlier");
-                    return Ok(Err((400, openai::error_body(&message, "invalid_request_error", "model_not_found_in_prefix", Some("model")))));
+                openai::ModelScan::Missing => return Ok(Err(openai::missing_model())),
+                openai::ModelScan::NeedMore if prefix.len() >= scan_limit => {
+                    let scope = if scan_limit < limit { " (the limit for HTTP/2 and chunked requests)" } else { "" };
+                    return Ok(Err(openai::model_not_in_prefix(scan_limit, scope)));
                 }
                 openai::ModelScan::NeedMore => {}
             }
@@ -284,10 +284,7 @@ impl Activator {
                 }
                 // The body ended: the next scan is final.
                 None if !done => continue,
-                None => {
-                    let message = "the request body has no top-level string field \"model\"";
-                    return Ok(Err((400, openai::error_body(message, "invalid_request_error", "missing_model", Some("model")))));
-                }
+                None => return Ok(Err(openai::missing_model())),
             }
         };
         match registry.route_model(&model) {
@@ -297,8 +294,7 @@ impl Activator {
             }
             None => {
                 ctx.buffered = 0;
-                let message = format!("The model `{model}` does not exist or you do not have access to it.");
-                Ok(Err((404, openai::error_body(&message, "invalid_request_error", "model_not_found", Some("model")))))
+                Ok(Err(openai::unknown_model(&model)))
             }
         }
     }
@@ -487,13 +483,20 @@ impl ProxyHttp for Activator {
             buffered: 0,
             rejected: false,
             pending_rejection: None,
+            admitted: None,
+        }
+    }
+
+    fn on_connection_reuse(&self, _session: &mut Session, ctx: &mut Self::CTX, previous: Box<dyn std::any::Any + Send + Sync>) {
+        // The front door passes its lease as the connection's user context.
+        if let Ok(admitted) = previous.downcast::<Admitted>() {
+            ctx.admitted = Some(*admitted);
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
-        // A request the front door already held and leased: no routing or holding left.
-        let client = session.client_addr().and_then(|a| a.as_inet()).copied();
-        if let Some(admitted) = client.and_then(|client| self.admitted.take(client)) {
+        // A request the front door already routed and leased: no routing or holding left.
+        if let Some(admitted) = ctx.admitted.take() {
             let service = admitted.lease.service().clone();
             ctx.arrived = admitted.arrived;
             ctx.deadline = Some(admitted.arrived + service.settings().queue_timeout);

@@ -60,7 +60,7 @@ impl Router {
                 .push((prefix.to_string(), index));
         }
         for prefixes in by_host.values_mut() {
-            prefixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+            prefixes.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
         }
         Router { by_host }
     }

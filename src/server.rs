@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
-use pingora_core::apps::{HttpServerApp, HttpServerOptions, ServerApp};
+use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, HttpServerOptions, ServerApp};
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::ALPN;
 use pingora_core::protocols::l4::stream::Stream as L4Stream;
@@ -25,7 +25,7 @@ use tracing::{debug, info, warn};
 use crate::admin::{self, AdminState};
 use crate::backend::kubernetes::cluster::Cluster;
 use crate::config::{format_duration, Config};
-use crate::front_door::{AdmittedRequests, FrontDoor, Outcome};
+use crate::front_door::{Admitted, FrontDoor, Outcome};
 use crate::metrics::Metrics;
 use crate::proxy::Activator;
 use crate::registry::Registry;
@@ -46,10 +46,28 @@ impl Listeners {
             .map_err(|e| std::io::Error::new(e.kind(), format!("failed to bind data listener {data}: {e}")))?;
         let admin = std::net::TcpListener::bind(admin)
             .map_err(|e| std::io::Error::new(e.kind(), format!("failed to bind admin listener {admin}: {e}")))?;
+        set_backlog(&data, LISTEN_BACKLOG)?;
         data.set_nonblocking(true)?;
         admin.set_nonblocking(true)?;
         Ok(Listeners { data, admin })
     }
+}
+
+/// Accept queue length of the data listener. The standard library listens with 128, which
+/// a burst of new connections (a cold-start storm) overflows: the kernel then drops SYNs
+/// and clients retry after a second. Linux caps the value at `net.core.somaxconn`.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// Sets the accept queue length of a listening socket. Linux applies a second `listen`
+/// call on a listening socket as a new backlog.
+fn set_backlog(listener: &std::net::TcpListener, backlog: i32) -> std::io::Result<()> {
+    // SAFETY: listen only reads its arguments; the descriptor belongs to `listener`,
+    // which outlives the call.
+    let result = unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(listener), backlog) };
+    if result != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Counts open client connections so shutdown can wait for them.
@@ -80,82 +98,129 @@ struct ConnectionContext {
     proxy: Arc<Proxy>,
     tls: Option<Arc<TlsTerminator>>,
     front_door: Arc<FrontDoor>,
-    admitted: Arc<AdmittedRequests>,
     connections: Arc<ConnectionCount>,
     stop: watch::Receiver<bool>,
 }
 
-/// Serves an accepted client connection on its own task: TLS if configured, then the
-/// front door for the first HTTP/1 request, then pingora.
+/// Serves an accepted client connection on its own task: TLS if configured, then HTTP/2
+/// or the HTTP/1 request loop.
+///
+/// A held request's memory is mostly this task, so its future is kept small: everything
+/// after the first request's hold, and the whole TLS path, run in boxed futures that are
+/// allocated only when reached.
 fn spawn_connection(context: &ConnectionContext, stream: tokio::net::TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
-    let mut stream: L4Stream = stream.into();
-    // pingora reads the client address from the socket digest (for X-Forwarded-For).
-    let digest = SocketDigest::from_raw_fd(std::os::fd::AsRawFd::as_raw_fd(&stream));
-    let _ = digest.peer_addr.set(Some(peer.into()));
-    stream.set_socket_digest(digest);
-
+    // Boxed now rather than when pingora takes it, to keep the task small.
+    let mut stream: Box<L4Stream> = Box::new(stream.into());
     context.connections.open.fetch_add(1, Ordering::AcqRel);
     let guard = ConnectionGuard(context.connections.clone());
     let context = context.clone();
     tokio::spawn(async move {
         let _guard = guard;
-        let stream: Stream = match &context.tls {
-            None => {
-                match context.front_door.first_request(&mut stream, peer).await {
-                    Outcome::Done => return,
-                    Outcome::Http2(read) => {
-                        // pingora recognises the preface again once the bytes are back.
-                        stream.rewind(&read);
-                        context.proxy.process_new(Box::new(stream), &context.stop).await;
-                        return;
-                    }
-                    Outcome::Forward(prefix) => {
-                        serve_http1(&context, Box::new(stream), prefix, peer).await;
-                        return;
-                    }
-                }
-            }
-            Some(tls) => match tls.accept(stream).await {
-                Ok(stream) => stream,
-                Err(error) => {
-                    debug!(%peer, %error, "TLS handshake failed");
-                    return;
-                }
-            },
-        };
-        if stream.selected_alpn_proto() == Some(ALPN::H2) {
+        if let Some(tls) = &context.tls {
+            set_client_digest(&mut stream, peer);
+            Box::pin(serve_tls(&context, tls, *stream, peer)).await;
+            return;
+        }
+        let mut stop = context.stop.clone();
+        let first = context.front_door.next_request(&mut stream, true, &mut stop).await;
+        if matches!(first, Outcome::Done) {
+            return;
+        }
+        set_client_digest(&mut stream, peer);
+        if let Outcome::Http2(read) = first {
+            // pingora recognises the preface again once the bytes are back.
+            stream.rewind(&read);
             context.proxy.process_new(stream, &context.stop).await;
             return;
         }
-        let mut stream = stream;
-        match context.front_door.first_request(&mut stream, peer).await {
-            Outcome::Done => {}
-            // No preface is expected after TLS without ALPN h2; pingora answers it.
-            Outcome::Http2(read) | Outcome::Forward(read) => serve_http1(&context, stream, read, peer).await,
-        }
+        Box::pin(serve_http1(&context, stream, first, stop)).await;
     });
 }
 
-/// Runs pingora's HTTP/1 request loop on a connection whose first bytes were already read.
-async fn serve_http1(context: &ConnectionContext, stream: Stream, prefix: BytesMut, peer: SocketAddr) {
-    let mut session = ServerSession::new_http1(stream);
-    session.set_pipelined_prefix(prefix);
-    session.set_keepalive(if *context.stop.borrow() { None } else { Some(KEEPALIVE_SECONDS) });
-    let mut reused = context.proxy.process_new_http(session, &context.stop).await;
-    // A lease that request_filter did not take (pingora rejected the request before it
-    // ran) must not stay counted in flight.
-    drop(context.admitted.take(peer));
+/// Records the client address in the socket digest, where pingora reads it (for
+/// X-Forwarded-For and the logs).
+fn set_client_digest(stream: &mut L4Stream, peer: SocketAddr) {
+    let digest = SocketDigest::from_raw_fd(std::os::fd::AsRawFd::as_raw_fd(&*stream));
+    let _ = digest.peer_addr.set(Some(peer.into()));
+    stream.set_socket_digest(digest);
+}
 
-    while let Some((stream, settings)) = reused.map(|r| r.consume()) {
-        let mut session = ServerSession::new_http1(stream);
-        if let Some(settings) = settings {
-            settings.apply_to_session(&mut session);
+/// Serves a TLS connection: HTTP/2 when ALPN chose it, otherwise the HTTP/1 request loop.
+async fn serve_tls(context: &ConnectionContext, tls: &TlsTerminator, stream: L4Stream, peer: SocketAddr) {
+    let mut stream = match tls.accept(stream).await {
+        Ok(stream) => stream,
+        Err(error) => {
+            debug!(%peer, %error, "TLS handshake failed");
+            return;
         }
-        if *context.stop.borrow() {
-            session.set_keepalive(None);
-        }
-        reused = context.proxy.process_new_http(session, &context.stop).await;
+    };
+    if stream.selected_alpn_proto() == Some(ALPN::H2) {
+        context.proxy.process_new(stream, &context.stop).await;
+        return;
+    }
+    // No preface is expected after TLS without ALPN h2, so it is parsed as HTTP/1, and
+    // pingora answers it.
+    let mut stop = context.stop.clone();
+    let first = context.front_door.next_request(&mut stream, false, &mut stop).await;
+    serve_http1(context, stream, first, stop).await;
+}
+
+/// Runs the HTTP/1 request loop of a connection. The front door reads each request's head
+/// (and holds the request while its service is cold); pingora then parses and proxies it.
+async fn serve_http1(context: &ConnectionContext, mut stream: Stream, mut next: Outcome, mut stop: watch::Receiver<bool>) {
+    let mut settings: Option<HttpPersistentSettings> = None;
+    loop {
+        let (prefix, admitted) = match next {
+            Outcome::Forward(prefix, admitted) => (prefix, admitted),
+            Outcome::Http2(prefix) => (prefix, None),
+            Outcome::Done => return,
+        };
+        let session = http1_session(stream, prefix, admitted, settings.take(), *context.stop.borrow());
+        let Some(reused) = context.proxy.process_new_http(session, &context.stop).await else {
+            return;
+        };
+        let (reused_stream, reused_settings) = reused.consume();
+        stream = reused_stream;
+        settings = reused_settings;
+        next = context.front_door.next_request(&mut stream, false, &mut stop).await;
+    }
+}
+
+/// Builds the pingora session for the next request of a connection. A separate function,
+/// because pingora's HTTP/1 session is large and a local holding it in `serve_http1` would
+/// stay in that future's state (and in the memory of every idle connection) across awaits.
+fn http1_session(
+    stream: Stream,
+    prefix: BytesMut,
+    admitted: Option<Admitted>,
+    settings: Option<HttpPersistentSettings>,
+    stopping: bool,
+) -> ServerSession {
+    let mut session = ServerSession::new_http1(stream);
+    match settings {
+        Some(settings) => settings.apply_to_session(&mut session),
+        None => session.set_keepalive(Some(KEEPALIVE_SECONDS)),
+    }
+    if stopping {
+        session.set_keepalive(None);
+    }
+    // pingora leaves no bytes of a next request behind when it offers the connection for
+    // reuse, because pipelining stays disabled: so the prefix slot is still empty here.
+    session.set_pipelined_prefix(prefix);
+    if let Some(admitted) = admitted {
+        // Activator::on_connection_reuse moves the lease into the request's context.
+        session.set_connection_user_context(Some(Box::new(admitted)));
+    }
+    session
+}
+
+/// Returns the number of runtime worker threads for the `threads` setting, where 0 means
+/// one per CPU.
+pub fn worker_threads(configured: usize) -> usize {
+    match configured {
+        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+        n => n,
     }
 }
 
@@ -191,16 +256,17 @@ pub async fn run(
         reloader
     });
 
-    let mut server_conf = ServerConf::default();
-    server_conf.threads = config.server.threads.max(1);
-    // Connection retries are bounded by each request's deadline, not by a count.
-    server_conf.max_retries = usize::MAX;
-    let server_conf = Arc::new(server_conf);
-    let admitted = Arc::new(AdmittedRequests::default());
-    let front_door = Arc::new(FrontDoor::new(registry.clone(), metrics.clone(), admitted.clone()));
+    let server_conf = Arc::new(ServerConf {
+        // pingora sizes its upstream keep-alive pool by this thread count.
+        threads: worker_threads(config.server.threads),
+        // Connection retries are bounded by each request's deadline, not by a count.
+        max_retries: usize::MAX,
+        ..ServerConf::default()
+    });
+    let front_door = Arc::new(FrontDoor::new(registry.clone(), metrics.clone()));
     let mut proxy = pingora_proxy::http_proxy(
         &server_conf,
-        Activator::new(registry.clone(), metrics.clone(), admitted.clone()),
+        Activator::new(registry.clone(), metrics.clone()),
     );
     let mut options = HttpServerOptions::default();
     options.h2c = true;
@@ -248,7 +314,6 @@ pub async fn run(
         proxy: proxy.clone(),
         tls: tls.clone(),
         front_door,
-        admitted,
         connections: connections.clone(),
         stop: stop_receiver.clone(),
     };

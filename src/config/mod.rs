@@ -65,9 +65,12 @@ pub struct OpenAiConfig {
     pub max_body_prefix: usize,
 }
 
-/// Largest `max_body_prefix`: pingora 0.9 replays at most this much of a request body
-/// that was read before the request is forwarded (its retry buffer).
-pub const MAX_OPENAI_BODY_PREFIX: usize = 64 * 1024;
+/// Default `max_body_prefix`.
+pub const DEFAULT_OPENAI_BODY_PREFIX: usize = 1024 * 1024;
+/// Largest `max_body_prefix`. coldgate hands the request head and the bytes it scanned to
+/// pingora 0.9 as one prefix, which must fit pingora's maximum request head size (1 MiB - 1),
+/// so at most 1 MiB minus the head's size is scanned whatever this is set to.
+pub const MAX_OPENAI_BODY_PREFIX: usize = 1024 * 1024;
 
 /// The `[server]` table.
 #[derive(Debug, Clone, PartialEq, Eq)]

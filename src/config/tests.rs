@@ -1778,7 +1778,7 @@ fn openai_routing_is_checked() {
     let config = parse(text, "c.toml").unwrap();
     let openai = config.openai.expect("[openai] table");
     assert_eq!(openai.hosts, vec!["llm.local".to_owned()]);
-    assert_eq!(openai.max_body_prefix, MAX_OPENAI_BODY_PREFIX);
+    assert_eq!(openai.max_body_prefix, DEFAULT_OPENAI_BODY_PREFIX);
     assert_eq!(config.services[0].models, vec!["llama-3-8b".to_owned(), "llama3".to_owned()]);
     assert!(config.services[0].hosts.is_empty(), "a model-routed service needs no hosts");
 
@@ -1788,7 +1788,7 @@ fn openai_routing_is_checked() {
     assert_eq!((diagnostic.line, diagnostic.key.as_str()), (10, "models"));
     assert!(diagnostic.message.contains("already served by"), "{}", diagnostic.message);
 
-    let too_big = "[openai]\nhosts = [\"llm.local\"]\nmax_body_prefix = 1048576\n[[service]]\nname = \"a\"\nmodels = [\"m\"]\n[service.process]\ncommand = \"x\"\n";
+    let too_big = "[openai]\nhosts = [\"llm.local\"]\nmax_body_prefix = 1048577\n[[service]]\nname = \"a\"\nmodels = [\"m\"]\n[service.process]\ncommand = \"x\"\n";
     let error = parse(too_big, "c.toml").unwrap_err();
     let diagnostic = &error.diagnostics()[0];
     assert_eq!((diagnostic.line, diagnostic.key.as_str()), (3, "openai.max_body_prefix"));

@@ -17,7 +17,7 @@ use super::raw::{
     RawServiceKubernetes, RawSettings,
 };
 use super::{
-    Backend, Config, KubernetesConfig, OpenAiConfig, MAX_OPENAI_BODY_PREFIX, LogConfig, LogFormat, ProcessConfig, Secret, ServerConfig,
+    Backend, Config, KubernetesConfig, OpenAiConfig, DEFAULT_OPENAI_BODY_PREFIX, MAX_OPENAI_BODY_PREFIX, LogConfig, LogFormat, ProcessConfig, Secret, ServerConfig,
     ServiceConfig, ReadinessProbe, ServiceSettings, TlsConfig, UpstreamProtocol, DEFAULT_STOP_GRACE,
     MIN_ADMIN_TOKEN_LEN,
 };
@@ -86,14 +86,14 @@ fn build_openai(raw: Spanned<RawOpenAi>, services: &[ServiceConfig], diagnostics
             }
         }
     }
-    let max_body_prefix = checker.count(raw.max_body_prefix.clone(), "max_body_prefix", MAX_OPENAI_BODY_PREFIX, 1);
+    let max_body_prefix = checker.count(raw.max_body_prefix.clone(), "max_body_prefix", DEFAULT_OPENAI_BODY_PREFIX, 1);
     if let Some(value) = &raw.max_body_prefix {
         if max_body_prefix > MAX_OPENAI_BODY_PREFIX {
             checker.error(
                 value.span(),
                 "max_body_prefix",
                 format!(
-                    "{max_body_prefix} bytes is more than coldgate can replay to the instance ({MAX_OPENAI_BODY_PREFIX} bytes, the size of pingora's request body buffer); use at most {MAX_OPENAI_BODY_PREFIX}"
+                    "{max_body_prefix} bytes is more than coldgate can replay to the instance: the head and the scanned bytes must fit pingora's request head buffer of 1 MiB; use at most {MAX_OPENAI_BODY_PREFIX}"
                 ),
             );
         }
