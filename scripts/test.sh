@@ -7,6 +7,8 @@
 #     the manifests in deploy/ (scripts/check-deploy.sh).
 #   - Debian's prometheus package, to check the alert rules with promtool and to run every
 #     dashboard query against a live coldgate (scripts/check-monitoring.sh).
+#   - nginx and wrk (scripts/bench-deps.sh), so that the benchmarks' smoke runs, which
+#     `cargo test --all-targets` includes, compare with nginx instead of skipping it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,5 +19,6 @@ scripts/setup-venv.sh .venv-kserve
 export COLDGATE_KSERVE_PYTHON="$PWD/.venv-kserve/bin/python"
 scripts/check-deploy.sh
 scripts/check-monitoring.sh
+scripts/bench-deps.sh
 
 cargo test --locked --all-targets "$@"
