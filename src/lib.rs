@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod backend;
 pub mod cli;
+pub mod coalesce;
 pub mod config;
 pub mod front_door;
 pub mod keep_warm;

@@ -24,6 +24,7 @@ use tracing::{debug, info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::backend::kubernetes::cluster::Cluster;
+use crate::coalesce::CoalescingStream;
 use crate::config::{format_duration, Config};
 use crate::front_door::{Admitted, FrontDoor, Outcome};
 use crate::metrics::Metrics;
@@ -168,7 +169,8 @@ async fn serve_tls(context: &ConnectionContext, tls: &TlsTerminator, stream: L4S
 
 /// Runs the HTTP/1 request loop of a connection. The front door reads each request's head
 /// (and holds the request while its service is cold); pingora then parses and proxies it.
-async fn serve_http1(context: &ConnectionContext, mut stream: Stream, mut next: Outcome, mut stop: watch::Receiver<bool>) {
+async fn serve_http1(context: &ConnectionContext, stream: Stream, mut next: Outcome, mut stop: watch::Receiver<bool>) {
+    let mut stream: Stream = Box::new(CoalescingStream::new(stream));
     let mut settings: Option<HttpPersistentSettings> = None;
     loop {
         let (prefix, admitted) = match next {
