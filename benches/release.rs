@@ -19,8 +19,12 @@
 //! the request did not wait for a cold start. Percentiles are nearest-rank, so with
 //! fewer than 100 starts the p99 is the maximum.
 //!
+//! The backend prints `ready` when it turns ready, as model servers log that they have
+//! loaded, and coldgate probes at once when an instance writes output. With `--silent` the
+//! backend prints nothing, so the figures show the periodic probe alone.
+//!
 //! Full run (release build): `cargo bench --bench release -- [--starts 50] [--load-ms 100]
-//! [--load-jitter-ms 20] [--probe-interval 10ms] [--idle-timeout 300ms]`. It prints the
+//! [--load-jitter-ms 20] [--probe-interval 10ms] [--idle-timeout 300ms] [--silent]`. It prints the
 //! table and whether the median (target 5 ms or less) and the p99 (target 20 ms or less)
 //! of the overhead meet their targets.
 //!
@@ -50,6 +54,7 @@ fn main() {
     let jitter_ms: u64 = support::arg("load-jitter-ms", 20);
     let probe_interval: String = support::arg("probe-interval", "10ms".to_string());
     let idle_timeout: String = support::arg("idle-timeout", "300ms".to_string());
+    let silent = support::flag("silent");
     if !benchmarking {
         println!("smoke run with {starts} cold starts (debug build); use `cargo bench --bench release` for figures");
     }
@@ -69,7 +74,7 @@ hosts = [{host}]
 readiness_path = "/ready"
 [service.process]
 command = {command}
-args = ["backend", "--port", "{{port}}", "--load-ms", "{load_ms}", "--load-jitter-ms", "{jitter_ms}", "--log", {log}]
+args = ["backend", "--port", "{{port}}", "--load-ms", "{load_ms}", "--load-jitter-ms", "{jitter_ms}", "--log", {log}{silent}]
 stop_grace = "2s"
 "#,
         server = support::server_table(0, 100),
@@ -78,6 +83,7 @@ stop_grace = "2s"
         host = support::toml_string(HOST),
         command = support::toml_string(exe.to_str().unwrap()),
         log = support::toml_string(log.to_str().unwrap()),
+        silent = if silent { ", \"--silent\"" } else { "" },
     );
     let config_path = dir.path().join("coldgate.toml");
     std::fs::write(&config_path, config).unwrap();
@@ -85,6 +91,10 @@ stop_grace = "2s"
 
     println!("machine: {}", support::machine_summary());
     println!("{starts} cold starts; backend load {load_ms} ms plus 0 to {jitter_ms} ms; probe_interval {probe_interval}; idle_timeout {idle_timeout}");
+    println!(
+        "{}",
+        if silent { "the backend writes no output: readiness is found by the periodic probe alone" } else { "the backend prints \"ready\" when ready, which makes coldgate probe at once" }
+    );
     let mut cycles = Vec::with_capacity(starts);
     for index in 0..starts {
         let number = index + 1;

@@ -14,6 +14,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tracing::trace;
 
 /// How a probe talks to the instance.
@@ -33,20 +34,27 @@ pub struct ProbePlan {
     pub addr: SocketAddr,
     pub kind: ProbeKind,
     pub path: String,
-    /// Pause between two probes. Small, because it bounds how late held requests are
-    /// released after the instance turns ready.
+    /// Time from the start of one probe to the start of the next. Small, because it bounds
+    /// how late held requests are released after the instance turns ready.
     pub interval: Duration,
     /// Time allowed for one probe, from connect to the status line.
     pub timeout: Duration,
 }
 
+/// Shortest pause between two probes, however often `wake` fires: a server that logs many
+/// lines while it loads must not get a probe per line.
+const MIN_PROBE_GAP: Duration = Duration::from_millis(1);
+
 /// Probes until the instance is ready. It never gives up by itself: the caller races it
-/// against the instance's exit and the start-up timeout. `last_failure` gets a short
-/// description of the latest failed probe, for the error that a timed-out start reports.
-pub async fn wait_until_ready(plan: &ProbePlan, last_failure: impl Fn(String)) {
+/// against the instance's exit and the start-up timeout. After a failed probe it waits
+/// `plan.interval`, or less when `wake` is notified (the instance wrote output, which model
+/// servers do when they finish loading). `last_failure` gets a short description of the
+/// latest failed probe, for the error that a timed-out start reports.
+pub async fn wait_until_ready(plan: &ProbePlan, wake: &Notify, last_failure: impl Fn(String)) {
     let mut attempts: u64 = 0;
     loop {
         attempts += 1;
+        let started = tokio::time::Instant::now();
         let failure = match tokio::time::timeout(plan.timeout, probe_ready(plan)).await {
             Ok(Ok(Ok(()))) => return,
             Ok(Ok(Err(status))) => format!("the last readiness probe of {} got status {status}", plan.addr),
@@ -55,7 +63,10 @@ pub async fn wait_until_ready(plan: &ProbePlan, last_failure: impl Fn(String)) {
         };
         trace!(addr = %plan.addr, attempts, failure = %failure, "not ready yet");
         last_failure(failure);
-        tokio::time::sleep(plan.interval).await;
+        tokio::select! {
+            () = tokio::time::sleep_until(started + plan.interval) => {}
+            () = wake.notified() => tokio::time::sleep_until(started + MIN_PROBE_GAP).await,
+        }
     }
 }
 

@@ -172,6 +172,14 @@ impl ServiceMetrics {
     }
 }
 
+/// The probe task of an address that is not ready yet.
+struct Probing {
+    /// Stops the probe task.
+    stop: Arc<Notify>,
+    /// Makes the probe task probe at once.
+    wake: Arc<Notify>,
+}
+
 struct State {
     phase: Phase,
     settings: ServiceSettings,
@@ -180,9 +188,8 @@ struct State {
     readiness_path: String,
     /// Endpoints that passed the readiness probe, in the order they became ready.
     ready: Vec<Arc<Endpoint>>,
-    /// Addresses reported by the backend and still being probed, each with a flag that stops
-    /// its probe task.
-    probing: HashMap<SocketAddr, Arc<Notify>>,
+    /// Addresses reported by the backend and still being probed.
+    probing: HashMap<SocketAddr, Probing>,
     /// Held requests in arrival order; the key is an arrival sequence number.
     queue: BTreeMap<u64, GrantSender>,
     next_seq: u64,
@@ -505,7 +512,7 @@ impl Service {
         for endpoint in st.ready.drain(..) {
             endpoint.removed.store(true, Ordering::Release);
         }
-        for (_, stop) in st.probing.drain() {
+        for (_, Probing { stop, .. }) in st.probing.drain() {
             stop.notify_one();
         }
         self.metrics.ready_endpoints.set(0);
@@ -630,7 +637,8 @@ impl Service {
             return;
         }
         let stop = Arc::new(Notify::new());
-        st.probing.insert(addr, stop.clone());
+        let wake = Arc::new(Notify::new());
+        st.probing.insert(addr, Probing { stop: stop.clone(), wake: wake.clone() });
         let kind = match (st.readiness_probe, st.protocol) {
             (ReadinessProbe::Grpc, _) => probe::ProbeKind::Grpc,
             (ReadinessProbe::Http, UpstreamProtocol::H2c) => probe::ProbeKind::H2c,
@@ -649,12 +657,19 @@ impl Service {
         let service = self.clone();
         tokio::spawn(async move {
             tokio::select! {
-                () = probe::wait_until_ready(&plan, |failure| *service.last_probe_failure.lock() = Some(failure)) => {
+                () = probe::wait_until_ready(&plan, &wake, |failure| *service.last_probe_failure.lock() = Some(failure)) => {
                     service.endpoint_ready(addr, activation_id)
                 }
                 () = stop.notified() => debug!(service = %service.name, %addr, "probe stopped"),
             }
         });
+    }
+
+    /// Runs the pending readiness probe of `addr` now rather than at its next interval.
+    fn endpoint_active(&self, addr: SocketAddr) {
+        if let Some(probing) = self.state.lock().probing.get(&addr) {
+            probing.wake.notify_one();
+        }
     }
 
     fn endpoint_ready(self: &Arc<Self>, addr: SocketAddr, activation_id: u64) {
@@ -694,7 +709,7 @@ impl Service {
     /// went away). If it was the last one, held requests fail with the reason at once.
     fn endpoint_lost(self: &Arc<Self>, addr: SocketAddr, reason: String) {
         let mut st = self.state.lock();
-        let was_probing = st.probing.remove(&addr).map(|stop| stop.notify_one()).is_some();
+        let was_probing = st.probing.remove(&addr).map(|probing| probing.stop.notify_one()).is_some();
         let position = st.ready.iter().position(|e| e.addr == addr);
         let was_ready = position.is_some();
         if let Some(position) = position {
@@ -1046,6 +1061,15 @@ impl EndpointEvents {
     pub fn discovered(&self, addr: SocketAddr) {
         if let Some(service) = self.service.upgrade() {
             service.endpoint_discovered(addr);
+        }
+    }
+
+    /// Reports a sign of life from the instance at `addr`, such as a line of its output.
+    /// Model servers log when they finish loading, so a readiness probe that is still
+    /// pending runs at once instead of at its next interval.
+    pub fn active(&self, addr: SocketAddr) {
+        if let Some(service) = self.service.upgrade() {
+            service.endpoint_active(addr);
         }
     }
 

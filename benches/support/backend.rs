@@ -1,6 +1,6 @@
 //! A small HTTP/1.1 backend that coldgate can start as a service's process: the benchmark
 //! executables run it when their first argument is `backend`
-//! (`BENCH backend --port N [--load-ms MS] [--load-jitter-ms MS] [--log PATH]`).
+//! (`BENCH backend --port N [--load-ms MS] [--load-jitter-ms MS] [--log PATH] [--silent]`).
 //!
 //! It opens its port at once and answers `/ready` with 503 until `--load-ms` plus a
 //! random 0 to `--load-jitter-ms` has passed, like a model server that is loading. The
@@ -13,6 +13,10 @@
 //!   precede it);
 //! - `probe_ok`: the first `/ready` request it answered with 200 arrived;
 //! - `first_request`: the first request that is not a probe arrived.
+//!
+//! When it turns ready it prints `ready` to stdout, as model servers log that they have
+//! loaded (coldgate probes at once when an instance writes output); `--silent` leaves the
+//! line out, so readiness is found by the periodic probe alone.
 //!
 //! SIGTERM ends it at once.
 
@@ -39,6 +43,8 @@ pub fn big_body() -> Vec<u8> {
 
 struct State {
     log: Option<PathBuf>,
+    /// No `ready` line on stdout.
+    silent: bool,
     ready: AtomicBool,
     big: Bytes,
     probe_ok: OnceLock<()>,
@@ -75,8 +81,10 @@ pub fn run_if_requested() -> bool {
         value("--load-jitter-ms").map_or(0, |v| v.parse().expect("backend: --load-jitter-ms expects milliseconds"));
     // Uniform enough for spreading ready instants: the clock's nanoseconds at start.
     let jitter = Duration::from_nanos((super::unix_ns() % (u128::from(jitter_ms) * 1_000_000).max(1)) as u64);
+    let silent = args.iter().any(|a| a == "--silent");
     let state = Arc::new(State {
         log: value("--log").map(PathBuf::from),
+        silent,
         ready: AtomicBool::new(false),
         big: Bytes::from(big_body()),
         probe_ok: OnceLock::new(),
@@ -97,6 +105,9 @@ async fn serve(port: u16, load: Duration, state: Arc<State>) {
         tokio::time::sleep(load).await;
         loading.record("ready", super::unix_ns());
         loading.ready.store(true, Ordering::SeqCst);
+        if !loading.silent {
+            println!("ready");
+        }
     });
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
     loop {

@@ -108,12 +108,22 @@ fn free_loopback_port() -> std::io::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-fn forward_output(service: String, stream: &'static str, pid: i32, reader: impl AsyncRead + Unpin + Send + 'static) {
+/// Logs each line the child writes, and reports it as a sign of life, which makes a pending
+/// readiness probe run at once.
+fn forward_output(
+    service: String,
+    stream: &'static str,
+    pid: i32,
+    reader: impl AsyncRead + Unpin + Send + 'static,
+    events: EndpointEvents,
+    addr: SocketAddr,
+) {
     tokio::spawn(async move {
         let mut lines = BufReader::new(reader).lines();
         loop {
             match lines.next_line().await {
                 Ok(Some(mut line)) => {
+                    events.active(addr);
                     if line.len() > MAX_LOG_LINE {
                         let mut cut = MAX_LOG_LINE;
                         while !line.is_char_boundary(cut) {
@@ -172,10 +182,10 @@ impl Backend for ProcessBackend {
         info!(service = %self.service, pid, endpoint = %addr, command = %program, "started process");
 
         if let Some(stdout) = child.stdout.take() {
-            forward_output(self.service.clone(), "stdout", pid, stdout);
+            forward_output(self.service.clone(), "stdout", pid, stdout, events.clone(), addr);
         }
         if let Some(stderr) = child.stderr.take() {
-            forward_output(self.service.clone(), "stderr", pid, stderr);
+            forward_output(self.service.clone(), "stderr", pid, stderr, events.clone(), addr);
         }
 
         let (exit_sender, exit_receiver) = watch::channel(None);
