@@ -29,6 +29,7 @@ run() {
 
 run warm
 run release
+run release -- --silent
 run held -- 10000
 run services
 run storm

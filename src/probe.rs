@@ -41,17 +41,19 @@ pub struct ProbePlan {
     pub timeout: Duration,
 }
 
-/// Shortest pause between two probes, however often `wake` fires: a server that logs many
-/// lines while it loads must not get a probe per line.
+/// Shortest pause between two probes when `wake` fires.
 const MIN_PROBE_GAP: Duration = Duration::from_millis(1);
 
 /// Probes until the instance is ready. It never gives up by itself: the caller races it
 /// against the instance's exit and the start-up timeout. After a failed probe it waits
 /// `plan.interval`, or less when `wake` is notified (the instance wrote output, which model
-/// servers do when they finish loading). `last_failure` gets a short description of the
-/// latest failed probe, for the error that a timed-out start reports.
+/// servers do when they finish loading). At most one probe per interval comes early, so
+/// a server that logs a line for every probe cannot make the probes run back to back.
+/// `last_failure` gets a short description of the latest failed probe, for the error that
+/// a timed-out start reports.
 pub async fn wait_until_ready(plan: &ProbePlan, wake: &Notify, last_failure: impl Fn(String)) {
     let mut attempts: u64 = 0;
+    let mut last_early: Option<tokio::time::Instant> = None;
     loop {
         attempts += 1;
         let started = tokio::time::Instant::now();
@@ -63,9 +65,20 @@ pub async fn wait_until_ready(plan: &ProbePlan, wake: &Notify, last_failure: imp
         };
         trace!(addr = %plan.addr, attempts, failure = %failure, "not ready yet");
         last_failure(failure);
-        tokio::select! {
-            () = tokio::time::sleep_until(started + plan.interval) => {}
-            () = wake.notified() => tokio::time::sleep_until(started + MIN_PROBE_GAP).await,
+        let next = tokio::time::sleep_until(started + plan.interval);
+        tokio::pin!(next);
+        loop {
+            tokio::select! {
+                () = &mut next => break,
+                () = wake.notified() => {
+                    let now = tokio::time::Instant::now();
+                    if last_early.is_none_or(|early| now - early >= plan.interval) {
+                        last_early = Some(now);
+                        tokio::time::sleep_until(started + MIN_PROBE_GAP).await;
+                        break;
+                    }
+                }
+            }
         }
     }
 }
@@ -216,5 +229,47 @@ mod tests {
             timeout: Duration::from_secs(1),
         };
         assert_eq!(probe_once(&plan).await.unwrap(), 503);
+    }
+
+    /// Serves `statuses` in order, one per connection, then 200 for every later one.
+    async fn status_server(statuses: Vec<u16>) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut statuses = statuses.into_iter();
+            loop {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                let status = statuses.next().unwrap_or(200);
+                let mut buf = [0u8; 1024];
+                let _ = socket.read(&mut buf).await.unwrap();
+                let response = format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\n\r\n");
+                socket.write_all(response.as_bytes()).await.unwrap();
+            }
+        });
+        addr
+    }
+
+    fn slow_plan(addr: SocketAddr) -> ProbePlan {
+        ProbePlan { addr, kind: ProbeKind::Http1, path: "/ready".into(), interval: Duration::from_secs(30), timeout: Duration::from_secs(1) }
+    }
+
+    #[tokio::test]
+    async fn wake_probes_before_the_interval() {
+        let plan = slow_plan(status_server(vec![503]).await);
+        let wake = Notify::new();
+        let started = std::time::Instant::now();
+        let waiting = wait_until_ready(&plan, &wake, |_| wake.notify_one());
+        tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("the wake makes the second probe run at once");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn one_early_probe_per_interval() {
+        // Every failed probe wakes the next one, as a server that logs each probe would.
+        let plan = slow_plan(status_server(vec![503, 503]).await);
+        let wake = Notify::new();
+        let waiting = wait_until_ready(&plan, &wake, |_| wake.notify_one());
+        let result = tokio::time::timeout(Duration::from_millis(500), waiting).await;
+        assert!(result.is_err(), "the third probe must wait for the 30 s interval, not for another wake");
     }
 }

@@ -665,9 +665,15 @@ impl Service {
         });
     }
 
-    /// Runs the pending readiness probe of `addr` now rather than at its next interval.
-    fn endpoint_active(&self, addr: SocketAddr) {
-        if let Some(probing) = self.state.lock().probing.get(&addr) {
+    /// Runs the pending readiness probe of `addr` now rather than at its next interval,
+    /// unless the line is an access log line of coldgate's own probe (it names the
+    /// readiness path followed by the protocol, as in `"GET /ready HTTP/1.1"`).
+    fn endpoint_output(&self, addr: SocketAddr, line: &str) {
+        let st = self.state.lock();
+        if line.contains(&format!("{} HTTP/", st.readiness_path)) {
+            return;
+        }
+        if let Some(probing) = st.probing.get(&addr) {
             probing.wake.notify_one();
         }
     }
@@ -1064,12 +1070,12 @@ impl EndpointEvents {
         }
     }
 
-    /// Reports a sign of life from the instance at `addr`, such as a line of its output.
-    /// Model servers log when they finish loading, so a readiness probe that is still
-    /// pending runs at once instead of at its next interval.
-    pub fn active(&self, addr: SocketAddr) {
+    /// Reports a line of output from the instance at `addr`. Model servers log when they
+    /// finish loading, so a readiness probe that is still pending runs at once instead of
+    /// at its next interval.
+    pub fn output(&self, addr: SocketAddr, line: &str) {
         if let Some(service) = self.service.upgrade() {
-            service.endpoint_active(addr);
+            service.endpoint_output(addr, line);
         }
     }
 

@@ -123,7 +123,7 @@ fn forward_output(
         loop {
             match lines.next_line().await {
                 Ok(Some(mut line)) => {
-                    events.active(addr);
+                    events.output(addr, &line);
                     if line.len() > MAX_LOG_LINE {
                         let mut cut = MAX_LOG_LINE;
                         while !line.is_char_boundary(cut) {
