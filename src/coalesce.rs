@@ -56,8 +56,9 @@ impl CoalescingStream {
 }
 
 /// Returns true for a complete HTTP/1 response head, not 1xx, that declares a
-/// `Content-Length` and no `Transfer-Encoding`. Such a body is not a stream of events, so
-/// holding the head until the first body bytes delays nothing a client waits for.
+/// `Content-Length` and no `Transfer-Encoding`: a body that is not a stream of events.
+// NOTE: when an instance sends such a head well before its body, the client gets the head
+// only with the first body bytes.
 fn is_fixed_length_head(bytes: &[u8]) -> bool {
     if bytes.len() > MAX_KEPT_HEAD || !bytes.starts_with(b"HTTP/1.") || !bytes.ends_with(b"\r\n\r\n") {
         return false;
