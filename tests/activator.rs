@@ -410,8 +410,7 @@ async fn killed_coldgate_leaves_no_children() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_alive_request_is_held_after_scale_down() {
-    // The first request of a connection is held by the front door; later requests on a
-    // kept-alive connection are held inside pingora. Both must work.
+    // The front door holds every request of a connection, the first and the later ones.
     let coldgate = start_with("idle_timeout = \"400ms\"", &["--load-ms", "300"]);
     let stream = TcpStream::connect(coldgate.data).await.unwrap();
     let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
@@ -428,6 +427,37 @@ async fn keep_alive_request_is_held_after_scale_down() {
     let echo: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(echo["sha256"], sha256_hex(b"kept alive"));
     assert_eq!(starts(&coldgate).0, 2, "the second request must have started the service again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_hang_up_while_held_frees_its_place() {
+    let coldgate = start_with("idle_timeout = \"300ms\"", &["--load-ms", "1500"]);
+    let mut stream = TcpStream::connect(coldgate.data).await.unwrap();
+    let request = b"GET /slow?ms=1 HTTP/1.1\r\nHost: demo.local\r\n\r\n";
+
+    // The first request starts the service and completes; the connection stays open.
+    stream.write_all(request).await.unwrap();
+    let mut response = Vec::new();
+    while !response.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk)).await.unwrap().unwrap();
+        assert!(n > 0, "coldgate closed the kept-alive connection");
+        response.extend_from_slice(&chunk[..n]);
+    }
+    assert!(response.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&response));
+    coldgate.wait_for_service("demo", Duration::from_secs(5), |s| s["state"] == "idle").await;
+
+    // The second request on the same connection is held, and the client gives up.
+    stream.write_all(request).await.unwrap();
+    coldgate.wait_for_service("demo", Duration::from_secs(5), |s| s["queue_depth"] == 1).await;
+    drop(stream);
+    coldgate.wait_for_service("demo", Duration::from_secs(1), |s| s["queue_depth"] == 0).await;
+
+    // The instance it started must not see the abandoned request.
+    coldgate.wait_for_service("demo", Duration::from_secs(10), |s| s["state"] == "serving").await;
+    let stats = get(coldgate.data, HOST, "/stats").await;
+    let stats: serde_json::Value = serde_json::from_slice(&stats.1).unwrap();
+    assert_eq!(stats["requests"], 0, "an abandoned request was forwarded: {stats}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
