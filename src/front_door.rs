@@ -253,8 +253,8 @@ impl FrontDoor {
     }
 
     async fn answer_openai<S: AsyncRead + AsyncWrite + Unpin>(&self, stream: &mut S, (status, body): (u16, serde_json::Value)) -> ModelRoute {
+        crate::proxy::log_model_rejection(status, &body);
         write_response(stream, status, None, &body).await;
-        debug!(status, code = %body["error"]["code"], "model-routed request rejected");
         ModelRoute::Answered
     }
 

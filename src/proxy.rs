@@ -268,14 +268,18 @@ impl Activator {
         let mut prefix: Vec<u8> = Vec::new();
         let model = loop {
             let done = session.is_body_done();
-            match openai::find_model(&prefix, done) {
-                openai::ModelScan::Found(model) => break model,
+            let scan = openai::find_model(&prefix, done);
+            // Body chunks come in the client's sizes, so the bytes read can pass the replay
+            // buffer's size in one step. Such a request cannot reach the instance intact.
+            let replayable = prefix.len() <= MAX_HELD_BODY;
+            match scan {
+                openai::ModelScan::Found(model) if replayable => break model,
                 openai::ModelScan::Missing => return Ok(Err(openai::missing_model())),
-                openai::ModelScan::NeedMore if prefix.len() >= scan_limit => {
+                openai::ModelScan::Found(_) | openai::ModelScan::NeedMore if !replayable || prefix.len() >= scan_limit => {
                     let scope = if scan_limit < limit { " (the limit for HTTP/2 and chunked requests)" } else { "" };
                     return Ok(Err(openai::model_not_in_prefix(scan_limit, scope)));
                 }
-                openai::ModelScan::NeedMore => {}
+                openai::ModelScan::Found(_) | openai::ModelScan::NeedMore => {}
             }
             match session.read_request_body().await? {
                 Some(chunk) => {
@@ -416,6 +420,34 @@ fn percent_encode_grpc(message: &str) -> String {
     encoded
 }
 
+/// Logs a rejected model-routed request: 404s (unknown models) at DEBUG, like other 404s,
+/// and the rest at INFO.
+pub fn log_model_rejection(status: u16, body: &serde_json::Value) {
+    let code = body["error"]["code"].as_str().unwrap_or_default();
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    if status == 404 {
+        debug!(status, code, message, "model-routed request rejected");
+    } else {
+        info!(status, code, message, "model-routed request rejected");
+    }
+}
+
+/// Reads and discards the rest of the request body, for at most 2 s and 16 MiB.
+async fn drain_body(session: &mut Session) {
+    const DRAIN_TIME: Duration = Duration::from_secs(2);
+    const DRAIN_BYTES: usize = 16 * 1024 * 1024;
+    let drain = async {
+        let mut total = 0;
+        while total < DRAIN_BYTES && !session.is_body_done() {
+            match session.read_request_body().await {
+                Ok(Some(chunk)) => total += chunk.len(),
+                Ok(None) | Err(_) => return,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
+}
+
 async fn write_json(
     session: &mut Session,
     status: u16,
@@ -530,6 +562,10 @@ impl ProxyHttp for Activator {
                     Ok(service) => service,
                     Err((status, body)) => {
                         ctx.rejected = true;
+                        log_model_rejection(status, &body);
+                        // An HTTP/2 client that is still sending gets a reset rather than
+                        // the answer if the stream ends with its body unread.
+                        drain_body(session).await;
                         write_json(session, status, None, &body).await?;
                         return Ok(true);
                     }

@@ -95,12 +95,20 @@ async fn unknown_or_missing_models_get_openai_errors() {
             .body(http_body_util::Full::new(bytes::Bytes::from(body)))
             .unwrap()
     };
-    let response = sender.send_request(h2_request(chat_body("llama-3-8b", 80 * 1024))).await.unwrap();
-    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
-    let body = http_body_util::BodyExt::collect(response.into_body()).await.unwrap().to_bytes();
-    let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(error["error"]["code"], "model_not_found_in_prefix");
-    assert!(error["error"]["message"].as_str().unwrap().contains("HTTP/2"), "{error}");
+    // Just past the buffer (the model field arrives in the chunk that overflows it), well
+    // past it, and a body larger than the client's flow-control window.
+    for padding in [66_000, 80 * 1024, 400_000] {
+        let sent = sender.send_request(h2_request(chat_body("llama-3-8b", padding)));
+        let response = tokio::time::timeout(Duration::from_secs(10), sent)
+            .await
+            .unwrap_or_else(|_| panic!("no answer within 10 s for {padding} bytes before the model"))
+            .unwrap_or_else(|e| panic!("HTTP/2 request with {padding} bytes before the model failed: {e}"));
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{padding} bytes before the model");
+        let body = http_body_util::BodyExt::collect(response.into_body()).await.unwrap().to_bytes();
+        let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(error["error"]["code"], "model_not_found_in_prefix");
+        assert!(error["error"]["message"].as_str().unwrap().contains("HTTP/2"), "{error}");
+    }
 
     for name in ["llama", "mistral"] {
         assert_eq!(coldgate.service_status(name).await["state"], "idle", "a rejected request started {name}");
