@@ -15,6 +15,9 @@
 //! POSTs with `HELD_BENCH_GET=1`). Loopback only; bounded by N and by a 120 s limit per
 //! wait.
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
@@ -24,12 +27,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const BIN: &str = env!("CARGO_BIN_EXE_coldgate");
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
 
 async fn admin_get(admin: SocketAddr, path: &str) -> String {
     let mut stream = TcpStream::connect(admin).await.unwrap();
@@ -58,25 +55,13 @@ fn main() {
     if !benchmarking {
         println!("smoke run with {count} requests (debug build); use `cargo bench --bench held` for figures");
     }
-    raise_fd_limit(count);
+    let fd_limit = support::raise_fd_limit();
+    assert!(
+        fd_limit as usize > count + 100,
+        "the open-file limit {fd_limit} is too low for {count} client sockets; raise the hard limit"
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     runtime.block_on(run(count, keep_alive));
-}
-
-/// Raises the soft limit of open files to the hard limit when `count` client sockets need it.
-fn raise_fd_limit(count: usize) {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit and setrlimit only read and write the struct passed to them.
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0, "getrlimit failed");
-        limit.rlim_cur = limit.rlim_max;
-        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0, "setrlimit failed");
-    }
-    assert!(
-        limit.rlim_cur as usize > count + 100,
-        "the open-file limit {} is too low for {count} client sockets; raise the hard limit",
-        limit.rlim_cur
-    );
 }
 
 /// Reads one response with a Content-Length body from a kept-alive connection and
@@ -219,7 +204,7 @@ args = ["predictor", "--port", "{{port}}", "--load-ms", "{load_ms}", "--start-lo
         }
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let rss_before = rss_kib(pid);
+    let rss_before = support::rss_kib(pid);
     let started = Instant::now();
     let _ = go.send(());
     while queue_depth(admin).await < count as u64 {
@@ -227,7 +212,7 @@ args = ["predictor", "--port", "{{port}}", "--load-ms", "{load_ms}", "--start-lo
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let queued_in = started.elapsed();
-    let rss_held = rss_kib(pid);
+    let rss_held = support::rss_kib(pid);
 
     let mut ok = 0;
     let mut last = Duration::ZERO;

@@ -268,7 +268,7 @@ impl FrontDoor {
     }
 }
 
-/// What the front door decided for a model-routed request.
+/// The front door's decision for a model-routed request.
 enum ModelRoute {
     Service(Arc<Service>),
     /// pingora reads the body and routes the request.

@@ -183,20 +183,21 @@ pub fn error_body(message: &str, error_type: &str, code: &str, param: Option<&st
     json!({ "error": { "message": message, "type": error_type, "param": param, "code": code } })
 }
 
-/// The 400 answer for a body without a top-level string `model`.
+/// Returns the 400 status and error body for a body without a top-level string `model`.
 pub fn missing_model() -> (u16, Value) {
     let message = "the request body has no top-level string field \"model\"";
     (400, error_body(message, "invalid_request_error", "missing_model", Some("model")))
 }
 
-/// The 400 answer for a body whose first `limit` bytes do not contain `model`. `scope`
-/// tells which requests the limit applies to, or is empty.
+/// Returns the 400 status and error body for a body whose first `limit` bytes do not
+/// contain `model`. `scope` names the requests the limit applies to, or is empty.
 pub fn model_not_in_prefix(limit: usize, scope: &str) -> (u16, Value) {
     let message = format!("the \"model\" field was not found in the first {limit} bytes of the body{scope}; put it earlier");
     (400, error_body(&message, "invalid_request_error", "model_not_found_in_prefix", Some("model")))
 }
 
-/// The 404 answer for a model that no service serves, worded as OpenAI's API words it.
+/// Returns the 404 status and error body for a model that no service serves, in the
+/// wording of OpenAI's API.
 pub fn unknown_model(model: &str) -> (u16, Value) {
     let message = format!("The model `{model}` does not exist or you do not have access to it.");
     (404, error_body(&message, "invalid_request_error", "model_not_found", Some("model")))

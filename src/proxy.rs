@@ -273,13 +273,13 @@ impl Activator {
             // buffer's size in one step. Such a request cannot reach the instance intact.
             let replayable = prefix.len() <= MAX_HELD_BODY;
             match scan {
-                openai::ModelScan::Found(model) if replayable => break model,
                 openai::ModelScan::Missing => return Ok(Err(openai::missing_model())),
-                openai::ModelScan::Found(_) | openai::ModelScan::NeedMore if !replayable || prefix.len() >= scan_limit => {
+                openai::ModelScan::Found(model) if replayable => break model,
+                _ if !replayable || prefix.len() >= scan_limit => {
                     let scope = if scan_limit < limit { " (the limit for HTTP/2 and chunked requests)" } else { "" };
                     return Ok(Err(openai::model_not_in_prefix(scan_limit, scope)));
                 }
-                openai::ModelScan::Found(_) | openai::ModelScan::NeedMore => {}
+                _ => {}
             }
             match session.read_request_body().await? {
                 Some(chunk) => {

@@ -430,7 +430,7 @@ async fn keep_alive_request_is_held_after_scale_down() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn keep_alive_hang_up_while_held_frees_its_place() {
+async fn hang_up_on_kept_alive_connection() {
     let coldgate = start_with("idle_timeout = \"300ms\"", &["--load-ms", "1500"]);
     let mut stream = TcpStream::connect(coldgate.data).await.unwrap();
     let request = b"GET /slow?ms=1 HTTP/1.1\r\nHost: demo.local\r\n\r\n";

@@ -13,15 +13,13 @@
 
 mod common;
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
 
-const PYTHON_VAR: &str = "COLDGATE_KSERVE_PYTHON";
 /// Upper bound for one client script run, so that a stuck call fails the test instead of
 /// hanging it. Each call also has its own gRPC deadline below this.
 const CLIENT_LIMIT: Duration = Duration::from_secs(150);
@@ -32,31 +30,6 @@ const INFER_CALLS: usize = 20;
 const CHAT_MESSAGES: usize = 5;
 /// Copied from predictors/grpc_echo/server.py.
 const ECHO_FAIL_MESSAGE: &str = "quota 100% used – retry in 2 s";
-
-/// Returns the interpreter named by COLDGATE_KSERVE_PYTHON, or None when the variable is
-/// unset. Panics when it names a file that does not exist.
-fn venv_python() -> Option<PathBuf> {
-    let value = std::env::var_os(PYTHON_VAR)?;
-    // A relative path is taken from the repository root, where `cargo test` runs.
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(&value);
-    assert!(
-        path.is_file(),
-        "{PYTHON_VAR} is set to {:?}, but {} does not exist. Run scripts/setup-venv.sh to create \
-         .venv-kserve, or unset {PYTHON_VAR} to skip this test.",
-        value,
-        path.display()
-    );
-    Some(path)
-}
-
-fn report_skip(test: &str) {
-    // Written to the stderr handle, which libtest does not capture, so that the skip shows
-    // in a plain `cargo test` run.
-    let _ = writeln!(
-        std::io::stderr(),
-        "{test} skipped: {PYTHON_VAR} is not set. Run scripts/setup-venv.sh and set it to .venv-kserve/bin/python to run it."
-    );
-}
 
 fn predictor_script(relative: &str) -> String {
     format!("{}/predictors/{relative}", env!("CARGO_MANIFEST_DIR"))
@@ -160,8 +133,8 @@ fn echo_service(python: &Path) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kserve_model_infer_from_zero() {
-    let Some(python) = venv_python() else {
-        return report_skip("kserve_model_infer_from_zero");
+    let Some(python) = kserve_python() else {
+        return report_kserve_skip("kserve_model_infer_from_zero");
     };
     let coldgate = Coldgate::start(&config_with(&iris_service(&python)));
     assert_eq!(coldgate.service_status("iris").await["state"], "idle");
@@ -204,8 +177,8 @@ async fn kserve_model_infer_from_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn echo_stream_and_error_trailers_from_zero() {
-    let Some(python) = venv_python() else {
-        return report_skip("echo_stream_and_error_trailers_from_zero");
+    let Some(python) = kserve_python() else {
+        return report_kserve_skip("echo_stream_and_error_trailers_from_zero");
     };
     let coldgate = Coldgate::start(&config_with(&echo_service(&python)));
     assert_eq!(coldgate.service_status("echo").await["state"], "idle");
@@ -251,8 +224,8 @@ async fn echo_stream_and_error_trailers_from_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_client_sees_coldgate_statuses() {
-    let Some(python) = venv_python() else {
-        return report_skip("grpc_client_sees_coldgate_statuses");
+    let Some(python) = kserve_python() else {
+        return report_kserve_skip("grpc_client_sees_coldgate_statuses");
     };
     // Both services run the simulated predictor with a load time far beyond the test, so
     // no call ever reaches an instance and every status comes from coldgate.

@@ -7,8 +7,7 @@
 
 mod common;
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -16,7 +15,6 @@ use http::StatusCode;
 use serde_json::{json, Value};
 
 const HOST: &str = "iris.models.local";
-const PYTHON_VAR: &str = "COLDGATE_KSERVE_PYTHON";
 const IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 const CLIENTS: usize = 50;
 /// Upper bound for one request, so that a stuck request fails the test instead of hanging it.
@@ -32,22 +30,6 @@ const V1_CASES: [(&str, &[i64]); 4] = [
 ];
 
 const V2_BODY: &str = r#"{"id":"t1","inputs":[{"name":"input-0","shape":[2,4],"datatype":"FP32","data":[[6.8,2.8,4.8,1.4],[6.0,3.4,4.5,1.6]]}]}"#;
-
-/// Returns the interpreter named by COLDGATE_KSERVE_PYTHON, or None when the variable is
-/// unset. Panics when it names a file that does not exist.
-fn kserve_python() -> Option<PathBuf> {
-    let value = std::env::var_os(PYTHON_VAR)?;
-    // A relative path is taken from the repository root, where `cargo test` runs.
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(&value);
-    assert!(
-        path.is_file(),
-        "{PYTHON_VAR} is set to {:?}, but {} does not exist. Run scripts/setup-venv.sh to create \
-         .venv-kserve, or unset {PYTHON_VAR} to skip this test.",
-        value,
-        path.display()
-    );
-    Some(path)
-}
 
 fn iris_config(python: &Path) -> String {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/predictors/kserve_iris/iris_server.py");
@@ -179,13 +161,7 @@ async fn check_after_storm(coldgate: &Coldgate, round: usize, elapsed: Duration,
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn iris_cold_starts_scale_to_zero_and_restart() {
     let Some(python) = kserve_python() else {
-        // Written to the stderr handle, which libtest does not capture, so that the skip
-        // shows in a plain `cargo test` run.
-        let _ = writeln!(
-            std::io::stderr(),
-            "kserve test skipped: {PYTHON_VAR} is not set. Run scripts/setup-venv.sh and set it to .venv-kserve/bin/python to run it."
-        );
-        return;
+        return report_kserve_skip("iris_cold_starts_scale_to_zero_and_restart");
     };
     let coldgate = Coldgate::start_in(tempfile::tempdir().unwrap(), &iris_config(&python));
     assert_eq!(coldgate.service_status("iris").await["state"], "idle");

@@ -249,3 +249,33 @@ pub fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest;
     sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// The variable that names the Python interpreter of the KServe venv.
+pub const KSERVE_PYTHON_VAR: &str = "COLDGATE_KSERVE_PYTHON";
+
+/// Returns the interpreter named by COLDGATE_KSERVE_PYTHON, or None when the variable is
+/// unset. Panics when it names a file that does not exist.
+pub fn kserve_python() -> Option<PathBuf> {
+    let value = std::env::var_os(KSERVE_PYTHON_VAR)?;
+    // A relative path is taken from the repository root, where `cargo test` runs.
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(&value);
+    assert!(
+        path.is_file(),
+        "{KSERVE_PYTHON_VAR} is set to {:?}, but {} does not exist. Run scripts/setup-venv.sh to create \
+         .venv-kserve, or unset {KSERVE_PYTHON_VAR} to skip this test.",
+        value,
+        path.display()
+    );
+    Some(path)
+}
+
+/// Reports a test skipped for want of the KServe venv.
+pub fn report_kserve_skip(test: &str) {
+    use std::io::Write;
+    // Written to the stderr handle, which libtest does not capture, so that the skip shows
+    // in a plain `cargo test` run.
+    let _ = writeln!(
+        std::io::stderr(),
+        "{test} skipped: {KSERVE_PYTHON_VAR} is not set. Run scripts/setup-venv.sh and set it to .venv-kserve/bin/python to run it."
+    );
+}
